@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from stepquant.checkpoint import open_checkpoint, tensor_differences
+from stepquant.convert import ConvertOptions, convert
+from stepquant.errors import StepquantError
+from stepquant.inspect import inspect_checkpoint
+
+
+def test_naming_round_trip_is_byte_identical(demo_ckpt, tmp_path):
+    mo = convert(demo_ckpt, tmp_path / "mo", ConvertOptions(naming="modelopt"))
+    assert inspect_checkpoint(mo)["naming"] == "modelopt"
+    with open_checkpoint(mo) as c:
+        assert "model.language_model.layers.1.moe.gate_proj.weight" in c.tensors
+        assert "model.vision_model.conv1.weight" in c.tensors
+        assert "model.vit_large_projector.weight" in c.tensors
+    back = convert(mo, tmp_path / "back", ConvertOptions(naming="step-hub"))
+    with open_checkpoint(demo_ckpt) as a, open_checkpoint(back) as b:
+        assert tensor_differences(a, b) == []
+    # sidecars carried, config unchanged
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (back / name).read_bytes() == (demo_ckpt / name).read_bytes()
+    assert json.loads((back / "config.json").read_text()) == json.loads((demo_ckpt / "config.json").read_text())
+
+
+def test_resharding_keeps_tensors(demo_ckpt, tmp_path):
+    out = convert(demo_ckpt, tmp_path / "sh", ConvertOptions(max_shard_size="600KB"))
+    r = inspect_checkpoint(out)
+    assert len(r["shards"]) > 4
+    with open_checkpoint(demo_ckpt) as a, open_checkpoint(out) as b:
+        assert tensor_differences(a, b) == []
+    manifest = json.loads((out / "stepquant.json").read_text())
+    assert manifest["producer"]["name"] == "stepquant"
+    assert manifest["source"]["naming"] == "step-hub"
+    assert sorted(manifest["outputs"]) == sorted(r["shards"])
+    assert all(len(v["sha256"]) == 64 for v in manifest["outputs"].values())
+
+
+def test_exclude_lists_follow_the_names(ref, tmp_path):
+    out = convert(ref / "nvfp4", tmp_path / "sg", ConvertOptions(naming="sglang"))
+    hqc = json.loads((out / "hf_quant_config.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert hqc["quantization"]["exclude_modules"] == [
+        "language_model.lm_head",
+        "language_model.model.embed_tokens",
+        "language_model.model.layers.0.mlp.gate",
+        "language_model.model.layers.1.mlp.gate",
+    ]
+    assert cfg["quantization_config"]["ignore"] == hqc["quantization"]["exclude_modules"]
+    assert hqc["producer"] == {"name": "modelopt", "version": "0.47.0"}  # what made the weights
+    with open_checkpoint(ref / "nvfp4") as a, open_checkpoint(out) as b:
+        assert len(a.tensors) == len(b.tensors)
+        assert b.read("language_model.model.layers.0.mlp.experts.3.up_proj.weight").equal(
+            a.read("model.layers.0.mlp.experts.3.up_proj.weight")
+        )
+
+
+def test_to_bf16_of_quantized_source_is_refused(ref, tmp_path):
+    with pytest.raises(StepquantError, match="NVFP4-quantized"):
+        convert(ref / "nvfp4", tmp_path / "x", ConvertOptions(to="bf16"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_to_bf16_of_bf16_source(ref, tmp_path):
+    out = convert(ref / "bf16", tmp_path / "b", ConvertOptions(to="bf16"))
+    with open_checkpoint(ref / "bf16") as a, open_checkpoint(out) as b:
+        assert tensor_differences(a, b) == []
+
+
+def test_collision_is_refused_before_writing(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"model.a.w": torch.zeros(2), "model.b.w": torch.ones(2)}, src / "model.safetensors")
+    y = tmp_path / "m.yaml"
+    y.write_text('rename:\n  "model.a.": "model.b."\n')
+    with pytest.raises(StepquantError, match="sends both"):
+        convert(src, tmp_path / "out", ConvertOptions(naming_map=str(y)))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_source_is_never_modified(demo_ckpt, tmp_path):
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in demo_ckpt.iterdir()}
+    convert(demo_ckpt, tmp_path / "o", ConvertOptions(naming="sglang", max_shard_size="1MB"))
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in demo_ckpt.iterdir()}
+    assert before == after
