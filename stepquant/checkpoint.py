@@ -17,7 +17,7 @@ import torch
 
 from . import hub
 from .errors import StepquantError
-from .stfile import TensorInfo, load_json_strict, read_bytes, read_header
+from .stfile import TORCH_TO_ST, TensorInfo, load_json_strict, read_bytes, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -254,8 +254,6 @@ def _read_weights(root: Path, allow_pickle: bool) -> tuple[list[Path], dict[str,
 
 def _read_pickles(root: Path, files: list[Path]) -> tuple[list[Path], dict[str, TensorInfo], dict]:
     """Load pickle weights (only with --allow-pickle), restricted to tensors (`weights_only`)."""
-    from .stfile import TORCH_TO_ST
-
     tensors: dict[str, TensorInfo] = {}
     data: dict[str, torch.Tensor] = {}
     for path in files:

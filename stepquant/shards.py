@@ -120,8 +120,10 @@ class OutputDir:
     def __enter__(self) -> OutputDir:
         if self.dst.exists() and not self.overwrite:
             raise StepquantError(f"{self.dst}: already exists (pass --overwrite to replace it)")
-        if not self.dst.parent.is_dir():
-            raise StepquantError(f"{self.dst.parent}: destination's parent folder does not exist")
+        try:
+            self.dst.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StepquantError(f"{self.dst.parent}: cannot create ({exc.strerror})") from None
         journal = None
         if self.partial.exists():
             if not self.resume and not self.overwrite:
