@@ -167,3 +167,121 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> CalibS
             stats.batches += 1
             stats.tokens += ids.numel()
     return stats
+
+
+# -- calibration data -----------------------------------------------------------------------------
+CORPUS_DIR = Path(__file__).resolve().parent.parent / "calibration"
+BATCH = 4
+
+
+def load_batches(spec: str, root: Path, samples: int, seq_len: int) -> tuple[list[torch.Tensor], str]:
+    """Token batches for calibration, and a description of where they came from.
+
+    `spec`: `embedded` (calibration/*.txt plus CPython's pydoc topics), a token-id JSON
+    (`{"batches": [[[ids...]...]...]}`, fed batch by batch as given), a local .txt / .jsonl file, or a
+    Hugging Face dataset id (through `datasets`, when installed and online).
+    """
+    path = Path(spec)
+    if spec != "embedded" and path.suffix == ".json" and path.is_file():
+        return _token_json(path), f"{path.name} (token ids)"
+    texts = _texts(spec, path)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(root)
+    except (OSError, ValueError) as exc:
+        raise StepquantError(f"{root}: no usable tokenizer for text calibration data ({type(exc).__name__})") from None
+    if getattr(tok, "chat_template", None):
+        texts = [
+            t if i % 2 else tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False)
+            for i, t in enumerate(texts)
+        ]
+    ids: list[int] = []
+    for t in texts:
+        ids += tok(t, add_special_tokens=False)["input_ids"]
+        if len(ids) >= samples * seq_len:
+            break
+    if len(ids) < seq_len:
+        raise StepquantError(f"calibration data {spec!r}: only {len(ids)} tokens, fewer than --calib-seq-len {seq_len}")
+    n = min(samples, len(ids) // seq_len)
+    rows = torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
+    return list(rows.split(BATCH)), f"{spec} ({n} x {seq_len} tokens)"
+
+
+def _token_json(path: Path) -> list[torch.Tensor]:
+    from .stfile import load_json_strict
+
+    data = load_json_strict(path.read_bytes(), str(path))
+    batches = data.get("batches") if isinstance(data, dict) else None
+    try:
+        out = [torch.tensor(b, dtype=torch.long) for b in batches]
+    except (TypeError, ValueError):
+        out = []
+    if not out or any(b.dim() != 2 or b.numel() == 0 or (b < 0).any() for b in out):
+        raise StepquantError(f"{path}: expected {{'batches': [[[token ids]]]}} with 2-D batches of ids")
+    return out
+
+
+def _texts(spec: str, path: Path) -> list[str]:
+    if spec == "embedded":
+        import pydoc_data.topics
+
+        texts = [p.read_text() for p in sorted(CORPUS_DIR.glob("*.txt"))]
+        return texts + [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    if path.is_file():
+        try:
+            raw = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StepquantError(f"{path}: cannot read calibration text ({type(exc).__name__})") from None
+        if path.suffix == ".jsonl":
+            import json
+
+            texts = []
+            for i, line in enumerate(raw.splitlines()):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        raise StepquantError(f"{path}: line {i + 1} is not JSON") from None
+                    text = row.get("text") if isinstance(row, dict) else None
+                    if not isinstance(text, str):
+                        raise StepquantError(f"{path}: line {i + 1} has no string 'text' field")
+                    texts.append(text)
+            return texts
+        return [p for p in raw.split("\n\n") if p.strip()]
+    try:
+        import datasets
+    except ImportError:
+        raise StepquantError(f"calibration data {spec!r}: not a file, and `datasets` is not installed") from None
+    try:
+        ds = datasets.load_dataset(spec, split="train", streaming=True)
+        return [row["text"] for row, _ in zip(ds, range(10_000)) if isinstance(row.get("text"), str)]
+    except Exception as exc:  # noqa: BLE001 - any failure of a remote dataset is bad input here
+        raise StepquantError(f"calibration data {spec!r}: cannot load ({type(exc).__name__})") from None
+
+
+def to_canonical(stats: CalibStats, memory_names: tuple[tuple[str, str], ...]):
+    """Map in-memory module names to canonical checkpoint names (experts keyed by their layer prefix)."""
+    import re
+
+    from .quantize import Activations
+
+    def canon(name: str) -> str:
+        for pattern, repl in memory_names:
+            if re.search(pattern, name):
+                return re.sub(pattern, repl, name)
+        return name
+
+    def layer(name: str) -> str:
+        m = re.search(r"^(.*?\.layers\.\d+)\.", canon(name) + ".")
+        return m.group(1) if m else canon(name)
+
+    acts = Activations()
+    acts.linear = {canon(n): v for n, v in stats.linear.items()}
+    acts.experts_in = {layer(n): v for n, v in stats.experts_in.items()}
+    acts.experts_mid = {layer(n): v for n, v in stats.experts_mid.items()}
+    acts.expert_tokens = {layer(n): v for n, v in stats.expert_tokens.items()}
+    acts.k = {canon(n): v for n, v in stats.k.items()}
+    acts.v = {canon(n): v for n, v in stats.v.items()}
+    acts.tokens = stats.tokens
+    return acts

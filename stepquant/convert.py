@@ -1,7 +1,8 @@
-"""`convert`: read -> rename -> (plan -> quantize, in later work) -> lay out -> write.
+"""`convert`: read -> rename -> plan -> (calibrate) -> quantize -> lay out -> write.
 
-This version does the lossless path: renaming between naming conventions and re-sharding, with the
-exclude lists of the quantization configs renamed alongside. Tensor bytes are streamed, never decoded.
+Names are first mapped to the canonical (hub) convention, planned and quantized there, then mapped to
+the output convention. Copies and relayouts stream bytes; nothing is re-quantized unless the format
+changes.
 """
 
 from __future__ import annotations
@@ -15,86 +16,245 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import StepquantError
-from .naming import PrefixMap, detect_naming, rename_all, resolve_map
+from .families import GENERIC, detect_family
+from .formats import get_format
+from .naming import PrefixMap, builtin_map, detect_naming, load_user_map, rename_all
+from .plan import Plan, build_plan
+from .quantize import Activations, Executor
+from .recipes import Recipe, load_recipe
 from .shards import DEFAULT_MAX_SHARD, OutputDir, OutTensor, parse_size
 
-FORMATS = ("keep", "bf16")
 # Files of the source that are not carried over: they describe the source, not the output.
-NOT_COPIED = {"config.json", "hf_quant_config.json", "README.md", ".gitattributes"}
+NOT_COPIED = {"config.json", "hf_quant_config.json", "README.md", ".gitattributes", "stepquant.json"}
 MANIFEST = "stepquant.json"
+CANONICAL = "step-hub"
 
 
 @dataclass
 class ConvertOptions:
-    to: str = "keep"
-    naming: str = "keep"
+    recipe: str | None = None
+    to: str | None = None
+    scope: str | None = None
+    kv_cache: str | None = None
+    moe_layout: str | None = None
+    naming: str | None = None
     naming_map: str | None = None
+    calib_data: str | None = None
+    calib_samples: int | None = None
+    calib_seq_len: int | None = None
+    expert_input_scale: str | None = None
+    device: str = "cpu"
     max_shard_size: str | int = DEFAULT_MAX_SHARD
     resume: bool = False
     overwrite: bool = False
+    dry_run: bool = False
     allow_pickle: bool = False
+    trust_remote_code: bool = False
     revision: str | None = None
 
+    def resolve_recipe(self) -> Recipe:
+        return load_recipe(self.recipe).with_overrides(
+            format=self.to, scope=self.scope, kv_cache=self.kv_cache, moe_layout=self.moe_layout,
+            naming=self.naming, calib_data=self.calib_data, calib_samples=self.calib_samples,
+            calib_seq_len=self.calib_seq_len, expert_input_scale=self.expert_input_scale,
+        )  # fmt: skip
 
-def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None) -> Path:
-    """Convert the checkpoint at `src` (folder or Hub id) into a new folder `dst`; returns `dst`."""
+
+@dataclass
+class Prepared:
+    """Everything decided before a weight is read: the plan, the output names and sizes."""
+
+    ckpt: Checkpoint
+    recipe: Recipe
+    plan: Plan
+    src_naming: str | None
+    out_map: PrefixMap | None  # canonical -> output names
+    outputs: dict[str, tuple[str, tuple[int, ...], int]]  # output name -> dtype, shape, bytes
+
+
+def prepare(ckpt: Checkpoint, opts: ConvertOptions) -> Prepared:
+    recipe = opts.resolve_recipe()
+    family = detect_family(ckpt.config) or GENERIC
+    names = list(ckpt.tensors)
+    src_naming = detect_naming(names)
+    to_canon = builtin_map(src_naming, CANONICAL) if src_naming not in (None, CANONICAL) else None
+    canonical = {(to_canon.apply(n) if to_canon else n): n for n in names}
+    if opts.naming_map:
+        out_map = load_user_map(opts.naming_map)
+        if to_canon:  # a user map is written against the source's names
+            out_map = PrefixMap({to_canon.apply(k, strict=False): v for k, v in out_map.pairs.items()}, out_map.label, False)
+    elif recipe.naming == "keep":
+        out_map = builtin_map(CANONICAL, src_naming) if to_canon else None
+    else:
+        if src_naming is None:
+            raise StepquantError(f"{ckpt.root}: cannot tell which naming convention it uses; --naming {recipe.naming} needs one")
+        out_map = builtin_map(CANONICAL, recipe.naming)
+    num_layers = ckpt.text_config.get(family.num_layers_key)
+    plan = build_plan(ckpt.tensors, canonical, family, num_layers, recipe)
+    executor = Executor(ckpt, plan, None, recipe.expert_input_scale)
+    outs = executor.outputs_meta()
+    final = rename_all([o[0] for o in outs], out_map) if out_map else {o[0]: o[0] for o in outs}
+    outputs = {final[n]: (dt, shp, nb) for n, dt, shp, nb in outs}
+    return Prepared(ckpt, recipe, plan, src_naming, out_map, outputs)
+
+
+def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None) -> Path | dict:
+    """Convert the checkpoint at `src` (folder or Hub id) into a new folder `dst`; returns `dst`
+    (or, with `dry_run`, the plan summary, writing nothing)."""
     opts = opts or ConvertOptions()
     started = time.time()
-    if opts.to not in FORMATS:
-        raise StepquantError(f"unknown output format '{opts.to}' (this version writes: {', '.join(FORMATS)})")
     max_shard = parse_size(opts.max_shard_size)
     with open_checkpoint(src, opts.revision, opts.allow_pickle) as ckpt:
-        quant = ckpt.quantization()
-        if opts.to == "bf16" and quant["quant_algo"]:
-            raise StepquantError(
-                f"{ckpt.root}: is {quant['quant_algo']}-quantized; writing it as bf16 needs dequantization,"
-                " which this version does not do yet (omit --to to rename/re-shard it as it is)"
-            )
-        names = list(ckpt.tensors)
-        mapping = resolve_map(names, opts.naming, opts.naming_map)
-        renamed = rename_all(names, mapping) if mapping else {n: n for n in names}
-        tensors = [_copy_of(ckpt, old, new) for old, new in renamed.items()]
-        fingerprint = _fingerprint(ckpt, opts, renamed)
+        prep = prepare(ckpt, opts)
+        if opts.dry_run:
+            return dry_run_summary(prep)
+        acts = None
+        timings = {}
+        needs_calib = prep.plan.kv_layers or any(
+            u.fmt_out is not None and u.fmt_out.calibrated for u in [*prep.plan.linears, *prep.plan.experts]
+        )
+        fingerprint = _fingerprint(ckpt, opts, prep)
+        if needs_calib:  # deterministic, so a resumed run recalibrates to the same scales
+            t0 = time.time()
+            acts = _calibrate(ckpt, prep, opts)
+            timings["calibration_seconds"] = round(time.time() - t0, 3)
+        executor = Executor(ckpt, prep.plan, acts, prep.recipe.expert_input_scale)
+        tensors = executor.outputs()
+        final = rename_all([t.name for t in tensors], prep.out_map) if prep.out_map else None
+        if final:
+            tensors = [OutTensor(final[t.name], t.dtype, t.shape, t.nbytes, t.chunks) for t in tensors]
         with OutputDir(dst, fingerprint, resume=opts.resume, overwrite=opts.overwrite) as out:
-            out.write_shards(tensors, max_shard, desc=f"{Path(dst).name}")
-            _write_configs(ckpt, out, mapping)
+            out.write_shards(tensors, max_shard, desc=Path(dst).name)
+            _write_configs(ckpt, out, prep)
             for name in ckpt.sidecars:
                 if name not in NOT_COPIED:
                     out.copy_file(ckpt.root / name, name)
-            manifest = _manifest(ckpt, opts, names, mapping, out.files, time.time() - started)
+            timings["total_seconds"] = round(time.time() - started, 3)
+            manifest = _manifest(ckpt, opts, prep, acts, out.files, timings)
             out.write_file(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
             return out.commit()
 
 
-def _copy_of(ckpt: Checkpoint, old: str, new: str) -> OutTensor:
-    t = ckpt.tensors[old]
-    return OutTensor(new, t.dtype, t.shape, t.nbytes, lambda: ckpt.iter_bytes(old))
+def _calibrate(ckpt: Checkpoint, prep: Prepared, opts: ConvertOptions) -> Activations:
+    from .calibrate import calibrate, load_batches, load_model, to_canonical
+
+    r = prep.recipe
+    batches, described = load_batches(r.calib_data, ckpt.root, r.calib_samples, r.calib_seq_len)
+    model = load_model(ckpt.root, ckpt.config, opts.device, opts.trust_remote_code)
+    stats = calibrate(model, batches)
+    del model
+    acts = to_canonical(stats, prep.plan.family.memory_names)
+    acts.source = described
+    acts.samples = sum(b.shape[0] for b in batches)
+    return acts
 
 
-def _write_configs(ckpt: Checkpoint, out: OutputDir, mapping: PrefixMap | None) -> None:
-    """config.json and hf_quant_config.json, with exclude/ignore patterns renamed like the tensors."""
-    if ckpt.config:
-        config = json.loads(json.dumps(ckpt.config))
+def dry_run_summary(prep: Prepared) -> dict:
+    """The plan: per module group what happens, and the predicted output size."""
+    rows = []
+    rename = prep.out_map.apply if prep.out_map else (lambda n: n)
+    for lin in prep.plan.linears:
+        action = "copy" if lin.fmt_out is None else f"{'quantize' if lin.fmt_out.quant_algo else 'dequantize'} {lin.fmt_out.name}"
+        rows.append({"module": rename(lin.module), "role": lin.role, "action": action, "from": lin.fmt_in.name})
+    for ex in prep.plan.experts:
+        fmt = ex.fmt_out or ex.fmt_in
+        action = ("copy" if ex.fmt_out is None else f"quantize {fmt.name}") + f", {ex.layout} -> {ex.layout_out}"
+        rows.append({"module": rename(ex.layer) + " experts", "role": "experts", "action": action,
+                     "from": ex.fmt_in.name, "experts": ex.num})  # fmt: skip
+    for attn in prep.plan.kv_layers:
+        rows.append({"module": rename(attn), "role": "kv-cache", "action": "k_scale, v_scale (fp8)", "from": "-"})
+    total = sum(nb for _, _, nb in prep.outputs.values())
+    return {
+        "recipe": prep.recipe.as_dict(),
+        "source_naming": prep.src_naming,
+        "modules": rows,
+        "copied_tensors": len(prep.plan.copies),
+        "outputs": {n: {"dtype": dt, "shape": list(s), "bytes": nb} for n, (dt, s, nb) in sorted(prep.outputs.items())},
+        "predicted_tensor_bytes": total,
+        "exclude_modules": _exclude_list(prep),
+    }
+
+
+def _exclude_list(prep: Prepared) -> list[str]:
+    rename = prep.out_map.apply_pattern if prep.out_map else (lambda n: n)
+    return sorted({rename(p) for p in prep.plan.excluded})
+
+
+def quant_config(prep: Prepared) -> tuple[dict | None, dict | None]:
+    """(`hf_quant_config.json`, `config.json["quantization_config"]`) for the output, SPEC §5."""
+    plan, recipe = prep.plan, prep.recipe
+    producer = {"name": "stepquant", "version": __version__}
+    units = [*plan.linears, *plan.experts]
+    fmts = {u.fmt_out.name for u in units if u.fmt_out is not None and u.fmt_out.quant_algo}
+    if not fmts:
+        if all(u.fmt_out is None for u in units):
+            return "source", "source"  # nothing re-encoded: the source's configs, patterns renamed
+        return None, None  # dequantized: no quantization config at all
+    if len(fmts) > 1:
+        raise StepquantError(f"one checkpoint cannot mix output formats {sorted(fmts)}")
+    fmt = get_format(fmts.pop())
+    kv = "FP8" if plan.kv_layers else None
+    exclude = _exclude_list(prep)
+    if fmt.name == "fp8-block":
+        return None, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                      "weight_block_size": [fmt.config.block, fmt.config.block], "modules_to_not_convert": exclude}  # fmt: skip
+    hq: dict = {"quant_algo": fmt.quant_algo}
+    if kv or fmt.name.endswith("nvfp4"):
+        hq["kv_cache_quant_algo"] = kv
+    nvfp4 = fmt.name in ("nvfp4", "w4a16-nvfp4")
+    if nvfp4:
+        hq["group_size"] = fmt.config.group_size
+    hq["exclude_modules"] = exclude
+    bits = 4 if nvfp4 else 8
+    desc = {"dynamic": False, "num_bits": bits, "type": "float", **({"group_size": fmt.config.group_size} if nvfp4 else {})}
+    group = {"input_activations": desc, "weights": desc, "targets": ["Linear"]}
+    if not fmt.calibrated:
+        group = {"weights": desc, "targets": ["Linear"]}
+    qc = {"config_groups": {"group_0": group}, "ignore": exclude, "quant_algo": fmt.quant_algo}
+    if nvfp4:
+        qc["group_size"] = fmt.config.group_size
+        qc["kv_cache_quant_algo"] = kv
+    if kv:
+        qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+    qc.update({"producer": producer, "quant_method": "modelopt"})
+    return {"producer": producer, "quantization": hq}, qc
+
+
+def _write_configs(ckpt: Checkpoint, out: OutputDir, prep: Prepared) -> None:
+    """config.json and hf_quant_config.json: ours when we quantized, else the source's with patterns renamed."""
+    hqc, qc = quant_config(prep)
+    rename = prep.out_map.apply_pattern if prep.out_map else None
+    config = json.loads(json.dumps(ckpt.config)) if ckpt.config else None
+    passthrough = qc == "source"
+    if qc is None and config is not None:
         for holder in (config, config.get("text_config") or {}):
-            qc = holder.get("quantization_config")
-            if isinstance(qc, dict):
-                for key in ("ignore", "exclude_modules"):
-                    if isinstance(qc.get(key), list) and mapping:
-                        qc[key] = [mapping.apply_pattern(p) for p in qc[key]]
+            holder.pop("quantization_config", None)
+    if passthrough:
+        qc = hqc = None
+    if qc is not None:
+        if config is None:
+            raise StepquantError(f"{ckpt.root}: no config.json to carry the quantization config")
+        for holder in (config, config.get("text_config") or {}):
+            holder.pop("quantization_config", None)
+        config["quantization_config"] = qc  # top level, also for multimodal configs (SPEC §5)
+    elif passthrough and config is not None and rename:
+        for holder in (config, config.get("text_config") or {}):
+            q = holder.get("quantization_config")
+            for key in ("ignore", "exclude_modules", "modules_to_not_convert"):
+                if isinstance(q, dict) and isinstance(q.get(key), list):
+                    q[key] = [rename(p) for p in q[key]]
+    if config is not None:
         out.write_file("config.json", (json.dumps(config, indent=2) + "\n").encode())
-    hqc = ckpt.read_json("hf_quant_config.json")
+    if passthrough:
+        hqc = ckpt.read_json("hf_quant_config.json")
+        q = (hqc or {}).get("quantization")
+        if rename and isinstance(q, dict) and isinstance(q.get("exclude_modules"), list):
+            q["exclude_modules"] = [rename(p) for p in q["exclude_modules"]]
     if hqc is not None:
-        q = hqc.get("quantization")
-        if isinstance(q, dict) and isinstance(q.get("exclude_modules"), list) and mapping:
-            q["exclude_modules"] = [mapping.apply_pattern(p) for p in q["exclude_modules"]]
         out.write_file("hf_quant_config.json", (json.dumps(hqc, indent=4) + "\n").encode())
 
 
-def _source_files(ckpt: Checkpoint) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in ckpt.shards}
-
-
-def _fingerprint(ckpt: Checkpoint, opts: ConvertOptions, renamed: dict[str, str]) -> str:
+def _fingerprint(ckpt: Checkpoint, opts: ConvertOptions, prep: Prepared) -> str:
     """Identifies one conversion: resuming is allowed only into a partial output with the same one."""
     stats = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in ckpt.shards}
     body = {
@@ -102,32 +262,38 @@ def _fingerprint(ckpt: Checkpoint, opts: ConvertOptions, renamed: dict[str, str]
         "source": str(ckpt.root),
         "files": stats,
         "options": {k: v for k, v in asdict(opts).items() if k not in ("resume", "overwrite")},
-        "tensors": sorted(renamed.items()),
+        "outputs": sorted((n, dt, list(s)) for n, (dt, s, _) in prep.outputs.items()),
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _manifest(
-    ckpt: Checkpoint,
-    opts: ConvertOptions,
-    names: list[str],
-    mapping: PrefixMap | None,
-    files: dict[str, dict],
-    seconds: float,
-) -> dict:
+def _manifest(ckpt: Checkpoint, opts: ConvertOptions, prep: Prepared, acts: Activations | None,
+              files: dict[str, dict], timings: dict) -> dict:  # fmt: skip
+    calib = None
+    if acts is not None:
+        calib = {
+            "data": acts.source,
+            "samples": acts.samples,
+            "tokens": acts.tokens,
+            "expert_tokens": {k: v.tolist() for k, v in sorted(acts.expert_tokens.items())},
+            "experts_without_tokens": {k: [i for i, n in enumerate(v.tolist()) if n == 0]
+                                       for k, v in sorted(acts.expert_tokens.items()) if (v == 0).any()},
+        }  # fmt: skip
     return {
         "producer": {"name": "stepquant", "version": __version__},
         "command": "convert",
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("resume", "overwrite")},
+        "recipe": prep.recipe.as_dict(),
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("resume", "overwrite", "dry_run")},
         "source": {
             "id": ckpt.source,
             "revision": ckpt.revision,
-            "naming": detect_naming(names),
-            "files": _source_files(ckpt),
+            "naming": prep.src_naming,
+            "files": {p.name: p.stat().st_size for p in ckpt.shards},
             "total_bytes": ckpt.total_bytes,
         },
-        "naming_map": {"label": mapping.label, "prefixes": mapping.pairs} if mapping else None,
+        "naming_map": {"label": prep.out_map.label, "prefixes": prep.out_map.pairs} if prep.out_map else None,
+        "calibration": calib,
         "outputs": dict(sorted(files.items())),
         # the only field that differs between two runs of the same conversion
-        "timings": {"total_seconds": round(seconds, 3)},
+        "timings": timings,
     }

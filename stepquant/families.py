@@ -8,9 +8,38 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .stfile import TensorInfo
+
+
+# Routed-expert tensor names per MoE layout: {L} layer prefix, {e} expert, {p} projection.
+STEP_EXPERTS = {
+    "stacked": "{L}.moe.{p}",
+    "per-expert": "{L}.moe.experts.{e}.{p}",
+    "fused": "{L}.mlp.experts.{p}",
+}
+HF_EXPERTS = {
+    "stacked": "{L}.mlp.experts.{p}",
+    "per-expert": "{L}.mlp.experts.{e}.{p}",
+    "fused": "{L}.mlp.experts.{p}",
+}
+MIXTRAL_EXPERTS = {
+    "stacked": "{L}.block_sparse_moe.experts.{p}",
+    "per-expert": "{L}.block_sparse_moe.experts.{e}.{p}",
+    "fused": "{L}.mlp.experts.{p}",
+}
+GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
+
+# transformers' in-memory module names -> this project's canonical (hub) module names, per family.
+STEP_MEMORY_NAMES = (
+    (r"^model\.language_model\.layers\.(\d+)\.mlp\.shared_experts\.", r"model.layers.\1.share_expert."),
+    (r"^model\.language_model\.layers\.(\d+)\.mlp\.experts$", r"model.layers.\1.moe"),
+    (r"^model\.language_model\.", "model."),
+    (r"^model\.multi_modal_projector$", "vit_large_projector"),
+    (r"^model\.vision_model\.", "vision_model."),
+)
+MIXTRAL_MEMORY_NAMES = ((r"^model\.layers\.(\d+)\.mlp\.experts$", r"model.layers.\1.block_sparse_moe.experts"),)
 
 
 @dataclass(frozen=True)
@@ -22,6 +51,9 @@ class Family:
     num_experts_keys: tuple[str, ...] = ()
     num_layers_key: str = "num_hidden_layers"
     mtp_layers_key: str | None = None
+    experts: dict = field(default_factory=lambda: HF_EXPERTS)
+    projections: tuple[str, str, str] = GATE_UP_DOWN  # names of gate, up, down in per-expert/stacked layouts
+    memory_names: tuple[tuple[str, str], ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
@@ -34,6 +66,8 @@ FAMILIES: dict[str, Family] = {
             multimodal=True,
             num_experts_keys=("n_routed_experts", "moe_num_experts"),
             mtp_layers_key="num_nextn_predict_layers",
+            experts=STEP_EXPERTS,
+            memory_names=STEP_MEMORY_NAMES,
         ),
         Family(
             "step3p5",
@@ -41,9 +75,19 @@ FAMILIES: dict[str, Family] = {
             ("step3p5",),
             num_experts_keys=("n_routed_experts", "moe_num_experts"),
             mtp_layers_key="num_nextn_predict_layers",
+            experts=STEP_EXPERTS,
+            memory_names=STEP_MEMORY_NAMES,
         ),
         Family("qwen3_moe", ("Qwen3MoeForCausalLM",), ("qwen3_moe",), num_experts_keys=("num_experts", "num_local_experts")),
-        Family("mixtral", ("MixtralForCausalLM",), ("mixtral",), num_experts_keys=("num_local_experts",)),
+        Family(
+            "mixtral",
+            ("MixtralForCausalLM",),
+            ("mixtral",),
+            num_experts_keys=("num_local_experts",),
+            experts=MIXTRAL_EXPERTS,
+            projections=("w1", "w3", "w2"),
+            memory_names=MIXTRAL_MEMORY_NAMES,
+        ),
         Family(
             "deepseek_v3",
             ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"),
@@ -54,6 +98,9 @@ FAMILIES: dict[str, Family] = {
         Family("llama", ("LlamaForCausalLM",), ("llama",)),
     )
 }
+
+
+GENERIC = Family("generic", (), ())
 
 
 def detect_family(config: dict) -> Family | None:

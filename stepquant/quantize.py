@@ -1,0 +1,300 @@
+"""Executing a plan: the output tensors (canonical names) with functions that produce their bytes.
+
+Copies stream source bytes; relayouts stream one expert at a time; quantized tensors are computed per
+Linear or per expert projection and kept in a small byte-bounded cache, so memory stays bounded by one
+layer's projection, never the model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import StepquantError
+from .formats import E4M3_MAX, Format, get_format
+from .plan import FUSION, Experts, Linear, Plan
+from .shards import OutTensor
+from .stfile import DTYPES, TORCH_TO_ST
+
+CACHE_BYTES = 2 * 1024**3
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    t = t.contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+class Activations:
+    """Calibrated amax per canonical module: Linear inputs, experts ([E] in/mid + token counts), K/V."""
+
+    def __init__(self) -> None:
+        self.linear: dict[str, torch.Tensor] = {}
+        self.experts_in: dict[str, torch.Tensor] = {}
+        self.experts_mid: dict[str, torch.Tensor] = {}
+        self.expert_tokens: dict[str, torch.Tensor] = {}
+        self.k: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
+        self.source = ""
+        self.samples = 0
+        self.tokens = 0
+
+
+class Executor:
+    def __init__(self, ckpt: Checkpoint, plan: Plan, acts: Activations | None, expert_input_scale: str) -> None:
+        self.ckpt = ckpt
+        self.plan = plan
+        self.acts = acts
+        self.per_expert_scales = expert_input_scale == "per-expert"
+        self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._amax: dict[str, torch.Tensor] = {}
+        self.by_module = {lin.module: lin for lin in plan.linears}
+
+    # -- reading ----------------------------------------------------------------------------------
+    def _src(self, canonical: str) -> str:
+        return self.plan.canonical[canonical]
+
+    def _read_part(self, ref: tuple[str, int | None]) -> torch.Tensor:
+        name, idx = ref
+        src = self._src(name)
+        return self.ckpt.read(src) if idx is None else self.ckpt.read_slice(src, idx)
+
+    def _dequant(self, fmt: Format, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = fmt.dequantize(parts)
+        if not torch.isfinite(w).all():
+            raise StepquantError("non-finite values in a source weight")
+        return w
+
+    def linear_weight(self, lin: Linear) -> torch.Tensor:
+        parts = {s: self.ckpt.read(self._src(n)) for s, n in lin.parts.items() if s != "input_scale"}
+        w = self._dequant(lin.fmt_in, parts)
+        if not torch.isfinite(w).all():
+            raise StepquantError(f"tensor '{lin.parts['weight']}': NaN or Inf in the weight")
+        return w
+
+    def expert_weight(self, ex: Experts, key: str, e: int) -> torch.Tensor:
+        refs = ex.parts[key][e]
+        parts = {}
+        for s, ref in refs.items():
+            if s == "input_scale":
+                continue
+            t = self._read_part(ref)
+            if ex.layout == "fused" and key in ("gate", "up") and t.dim() >= 1 and t.shape[0] == 2 * ex.shapes[key][0]:
+                half = t.shape[0] // 2
+                t = t[:half] if key == "gate" else t[half:]
+            parts[s] = t
+        w = self._dequant(ex.fmt_in, parts)
+        if not torch.isfinite(w).all():
+            raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {key}")
+        return w
+
+    def weight_amax(self, module: str) -> torch.Tensor:
+        if module not in self._amax:
+            self._amax[module] = self.linear_weight(self.by_module[module]).float().abs().amax()
+        return self._amax[module]
+
+    def _group(self, lin: Linear) -> list[Linear]:
+        for pattern, members in FUSION:
+            m = re.match(pattern, lin.module)
+            if m:
+                group = [self.by_module.get(f"{m.group(1)}.{p}") for p in members]
+                return [g for g in group if g is not None and g.fmt_out is lin.fmt_out]
+        return [lin]
+
+    # -- producing --------------------------------------------------------------------------------
+    def _cached(self, key: tuple, make: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        value = make()
+        self._cache[key] = value
+        while len(self._cache) > 1 and sum(t.numel() * t.element_size() for v in self._cache.values() for t in v.values()) > CACHE_BYTES:
+            self._cache.popitem(last=False)
+        return value
+
+    def _input_amax(self, modules: list[str]) -> torch.Tensor:
+        vals = [self.acts.linear[m] for m in modules if self.acts and m in self.acts.linear]
+        if not vals:
+            raise StepquantError(f"no calibration data reached {modules[0]}; it cannot get an input_scale")
+        return torch.stack(vals).amax()
+
+    def quantize_linear(self, lin: Linear) -> dict[str, torch.Tensor]:
+        fmt = lin.fmt_out
+        group = self._group(lin) if fmt.shares_fusion_amax else [lin]
+        amax = torch.stack([self.weight_amax(g.module) for g in group]).amax()
+        out = fmt.quantize(self.linear_weight(lin), amax)
+        if fmt.calibrated:
+            out["input_scale"] = fmt.input_scale(self._input_amax([g.module for g in self._group(lin)]))
+        return _checked(out, lin.module)
+
+    def quantize_experts(self, ex: Experts, key: str) -> dict[str, torch.Tensor]:
+        fmt = ex.fmt_out
+        results = []
+        for e in range(ex.num):
+            w = self.expert_weight(ex, key, e)
+            amax = w.float().abs().amax()
+            if key in ("gate", "up") and fmt.quant_algo:  # gate/up of one expert share (fused in memory)
+                other = self.expert_weight(ex, "up" if key == "gate" else "gate", e)
+                amax = torch.maximum(amax, other.float().abs().amax())
+            results.append(fmt.quantize(w, amax))
+        out = {s: torch.stack([r[s] for r in results]) for s in results[0]}
+        if fmt.calibrated:
+            out["input_scale"] = self.expert_input_scales(ex, key, fmt)
+        return _checked(out, f"{ex.layer} experts {key}")
+
+    def expert_input_scales(self, ex: Experts, key: str, fmt: Format) -> torch.Tensor:
+        store = (self.acts.experts_mid if key == "down" else self.acts.experts_in) if self.acts else {}
+        amax = store.get(ex.layer)
+        if amax is None:
+            raise StepquantError(f"no calibration data reached the experts of {ex.layer}")
+        amax = amax.clone()
+        # an expert that saw no tokens gets the layer's max (ModelOpt's policy)
+        amax[amax == 0] = amax.max()
+        if not self.per_expert_scales:
+            amax = amax.max().expand(ex.num).clone()
+        return torch.stack([fmt.input_scale(a) for a in amax])
+
+    # -- the output list --------------------------------------------------------------------------
+    def outputs(self) -> list[OutTensor]:
+        outs: list[OutTensor] = []
+        for name in self.plan.copies:
+            t = self.ckpt.tensors[self._src(name)]
+            outs.append(OutTensor(name, t.dtype, t.shape, t.nbytes, _stream(self.ckpt, t.name)))
+        for lin in self.plan.linears:
+            outs += self._linear_outputs(lin)
+        for ex in self.plan.experts:
+            outs += self._expert_outputs(ex)
+        for attn in self.plan.kv_layers:
+            for kv in ("k", "v"):
+                get = lambda attn=attn, kv=kv: {"s": self.kv_scale(attn, kv)}  # noqa: E731
+                outs.append(_lazy(f"{attn}.{kv}_proj.{kv}_scale", "F32", (), get, "s"))
+        return outs
+
+    def outputs_meta(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        """(name, dtype, shape, bytes) of every output tensor, reading no weight."""
+        return [(t.name, t.dtype, tuple(t.shape), t.nbytes) for t in self.outputs()]
+
+    def kv_scale(self, attn: str, kv: str) -> torch.Tensor:
+        store = (self.acts.k if kv == "k" else self.acts.v) if self.acts else {}
+        if attn not in store:
+            raise StepquantError(f"no calibration data reached {attn}; it cannot get a {kv}_scale")
+        return _checked({"s": (store[attn].float() / E4M3_MAX).reshape(())}, attn)["s"]
+
+    def _linear_outputs(self, lin: Linear) -> list[OutTensor]:
+        if lin.fmt_out is None:
+            return [_copy(self.ckpt, f"{lin.module}.{s}", self.ckpt.tensors[self._src(n)]) for s, n in lin.parts.items()]
+        specs = dict(lin.fmt_out.specs(lin.shape))
+        if lin.fmt_out.calibrated:
+            specs["input_scale"] = ("F32", ())
+        get = lambda: self._cached(("lin", lin.module), lambda: self.quantize_linear(lin))  # noqa: E731
+        return [_lazy(f"{lin.module}.{s}", dt, shp, get, s) for s, (dt, shp) in specs.items()]
+
+    def _expert_outputs(self, ex: Experts) -> list[OutTensor]:
+        fam = self.plan.family
+        proj = dict(zip(("gate", "up", "down"), fam.projections))
+        layout = ex.layout_out
+        outs = []
+        if ex.fmt_out is None and layout == ex.layout and layout != "fused":
+            # same layout, same format: every source tensor as it is
+            names = {ref[0] for key in ex.parts for e in ex.parts[key] for ref in e.values()}
+            return [_copy(self.ckpt, n, self.ckpt.tensors[self._src(n)]) for n in sorted(names)]
+        if layout == "fused":
+            return self._fused_outputs(ex)
+        for key in ("gate", "up", "down"):
+            if ex.fmt_out is None:
+                suffixes = {s: self._part_meta(ex, key, s) for s in ex.parts[key][0]}
+            else:
+                suffixes = dict(ex.fmt_out.specs(ex.shapes[key]))
+                if ex.fmt_out.calibrated:
+                    suffixes["input_scale"] = ("F32", ())
+            for s, (dt, shp) in suffixes.items():
+                if layout == "stacked":
+                    name = fam.experts["stacked"].format(L=ex.layer, p=proj[key]) + f".{s}"
+                    outs.append(OutTensor(name, dt, (ex.num, *shp), ex.num * _nbytes(dt, shp),
+                                          self._expert_chunks(ex, key, s, range(ex.num))))  # fmt: skip
+                else:
+                    for e in range(ex.num):
+                        name = fam.experts["per-expert"].format(L=ex.layer, e=e, p=proj[key]) + f".{s}"
+                        outs.append(OutTensor(name, dt, shp, _nbytes(dt, shp), self._expert_chunks(ex, key, s, [e])))
+        return outs
+
+    def _part_meta(self, ex: Experts, key: str, suffix: str) -> tuple[str, tuple[int, ...]]:
+        name, idx = ex.parts[key][0][suffix]
+        t = self.ckpt.tensors[self._src(name)]
+        shape = t.shape[1:] if idx is not None else t.shape
+        if ex.layout == "fused" and key in ("gate", "up") and shape and shape[0] == 2 * ex.shapes[key][0]:
+            shape = (shape[0] // 2, *shape[1:])
+        return t.dtype, tuple(shape)
+
+    def _expert_chunks(self, ex: Experts, key: str, suffix: str, experts) -> Callable[[], Iterator[bytes]]:
+        def chunks() -> Iterator[bytes]:
+            if ex.fmt_out is not None:
+                full = self._cached(("ex", ex.layer, key), lambda: self.quantize_experts(ex, key))[suffix]
+                for e in experts:
+                    yield _bytes(full[e])
+                return
+            for e in experts:  # relayout only: bytes of one expert at a time
+                t = self._read_part(ex.parts[key][e][suffix])
+                if ex.layout == "fused" and key in ("gate", "up") and t.dim() and t.shape[0] == 2 * ex.shapes[key][0]:
+                    half = t.shape[0] // 2
+                    t = t[:half] if key == "gate" else t[half:]
+                yield _bytes(t)
+
+        return chunks
+
+    def _fused_outputs(self, ex: Experts) -> list[OutTensor]:
+        fam = self.plan.family
+        outs = []
+        for fused, keys in (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))):
+            dt, shp = self._part_meta(ex, keys[0], "weight")
+            rows = shp[0] * len(keys)
+            name = fam.experts["fused"].format(L=ex.layer, p=fused)
+
+            def chunks(keys=keys):
+                for e in range(ex.num):
+                    for k in keys:
+                        yield from self._expert_chunks(ex, k, "weight", [e])()
+
+            outs.append(OutTensor(name, dt, (ex.num, rows, *shp[1:]), ex.num * len(keys) * _nbytes(dt, shp), chunks))
+        return outs
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    n = DTYPES[dtype][1]
+    for d in shape:
+        n *= d
+    return n
+
+
+def _stream(ckpt: Checkpoint, src: str) -> Callable[[], Iterator]:
+    return lambda: ckpt.iter_bytes(src)
+
+
+def _copy(ckpt: Checkpoint, name: str, t) -> OutTensor:
+    return OutTensor(name, t.dtype, t.shape, t.nbytes, _stream(ckpt, t.name))
+
+
+def _lazy(name: str, dtype: str, shape, get: Callable[[], dict], suffix: str) -> OutTensor:
+    def chunks():
+        t = get()[suffix]
+        if TORCH_TO_ST[t.dtype] != dtype or tuple(t.shape) != tuple(shape):
+            raise StepquantError(f"tensor '{name}': planned {dtype}{list(shape)}, got {TORCH_TO_ST[t.dtype]}{list(t.shape)}")
+        yield _bytes(t)
+
+    return OutTensor(name, dtype, tuple(shape), _nbytes(dtype, shape), chunks)
+
+
+def _checked(parts: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Refuse NaN/Inf/zero scales: engines load them silently and produce garbage."""
+    for s, t in parts.items():
+        if "scale" in s or s == "s":
+            f = t.float()
+            if not torch.isfinite(f).all() or (f == 0).any():
+                raise StepquantError(f"{where}: {s} would be NaN, Inf or zero; refusing to write it")
+    return parts
+
+
+__all__ = ["Activations", "Executor", "get_format"]
