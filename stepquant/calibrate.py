@@ -208,6 +208,13 @@ def load_batches(spec: str, root: Path, samples: int, seq_len: int) -> tuple[lis
     return list(rows.split(BATCH)), f"{spec} ({n} x {seq_len} tokens)"
 
 
+def hash_order(text: str) -> str:
+    """A fixed pseudo-random order (independent of PYTHONHASHSEED)."""
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _token_json(path: Path) -> list[torch.Tensor]:
     from .stfile import load_json_strict
 
@@ -226,7 +233,9 @@ def _texts(spec: str, path: Path) -> list[str]:
     if spec == "embedded":
         import pydoc_data.topics
 
-        texts = [p.read_text() for p in sorted(CORPUS_DIR.glob("*.txt"))]
+        texts = [t for p in sorted(CORPUS_DIR.glob("*.txt")) for t in p.read_text().split("\n\n") if t.strip()]
+        # interleave the sources so that a small sample still sees prose, code, math and chat
+        texts = sorted(texts, key=lambda t: (hash_order(t), t))
         return texts + [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
     if path.is_file():
         try:

@@ -119,6 +119,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None
             acts = _calibrate(ckpt, prep, opts)
             timings["calibration_seconds"] = round(time.time() - t0, 3)
         executor = Executor(ckpt, prep.plan, acts, prep.recipe.expert_input_scale)
+        executor.check_calibration()
         tensors = executor.outputs()
         final = rename_all([t.name for t in tensors], prep.out_map) if prep.out_map else None
         if final:

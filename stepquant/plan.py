@@ -233,7 +233,8 @@ def _decide(plan: Plan, recipe: Recipe, num_layers: int | None) -> None:
         if (lin.fmt_out or lin.fmt_in).quant_algo is None:
             plan.excluded.append(_exclusion(lin.module, lin.role))
     for ex in plan.experts:
-        quantize = target is not None and target.quant_algo and "experts" in scope
+        mtp = role_of(ex.layer + ".experts", num_layers) == "mtp"
+        quantize = target is not None and target.quant_algo and "experts" in scope and not mtp
         if quantize and ex.fmt_in is target:
             pass
         elif quantize:
@@ -246,7 +247,7 @@ def _decide(plan: Plan, recipe: Recipe, num_layers: int | None) -> None:
         if ex.layout_out == "fused" and (ex.fmt_out or ex.fmt_in).quant_algo:
             raise StepquantError("the fused expert layout holds BF16 experts only; choose stacked or per-expert")
         if (ex.fmt_out or ex.fmt_in).quant_algo is None:
-            plan.excluded.append(f"{ex.layer}.*experts*")
+            plan.excluded.append(f"{ex.layer}.*" if mtp else f"{ex.layer}.*experts*")
     if recipe.kv_cache == "fp8":
         plan.kv_layers = sorted(
             {lin.module.rpartition(".")[0] for lin in plan.linears

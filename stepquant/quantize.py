@@ -173,6 +173,18 @@ class Executor:
                 outs.append(_lazy(f"{attn}.{kv}_proj.{kv}_scale", "F32", (), get, "s"))
         return outs
 
+    def check_calibration(self) -> None:
+        """Before anything is written: every calibrated module must have been reached by the data."""
+        for lin in self.plan.linears:
+            if lin.fmt_out is not None and lin.fmt_out.calibrated:
+                self._input_amax([g.module for g in self._group(lin)])
+        for ex in self.plan.experts:
+            if ex.fmt_out is not None and ex.fmt_out.calibrated:
+                for key in ("gate", "down"):
+                    self.expert_input_scales(ex, key, ex.fmt_out)
+        for attn in self.plan.kv_layers:
+            self.kv_scale(attn, "k"), self.kv_scale(attn, "v")
+
     def outputs_meta(self) -> list[tuple[str, str, tuple[int, ...], int]]:
         """(name, dtype, shape, bytes) of every output tensor, reading no weight."""
         return [(t.name, t.dtype, tuple(t.shape), t.nbytes) for t in self.outputs()]
