@@ -69,6 +69,7 @@ class Prepared:
     plan: Plan
     src_naming: str | None
     out_map: PrefixMap | None  # canonical -> output names
+    to_canon: PrefixMap | None  # source -> canonical names
     outputs: dict[str, tuple[str, tuple[int, ...], int]]  # output name -> dtype, shape, bytes
 
 
@@ -95,7 +96,7 @@ def prepare(ckpt: Checkpoint, opts: ConvertOptions) -> Prepared:
     outs = executor.outputs_meta()
     final = rename_all([o[0] for o in outs], out_map) if out_map else {o[0]: o[0] for o in outs}
     outputs = {final[n]: (dt, shp, nb) for n, dt, shp, nb in outs}
-    return Prepared(ckpt, recipe, plan, src_naming, out_map, outputs)
+    return Prepared(ckpt, recipe, plan, src_naming, out_map, to_canon, outputs)
 
 
 def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None) -> Path | dict:
@@ -224,7 +225,12 @@ def quant_config(prep: Prepared) -> tuple[dict | None, dict | None]:
 def _write_configs(ckpt: Checkpoint, out: OutputDir, prep: Prepared) -> None:
     """config.json and hf_quant_config.json: ours when we quantized, else the source's with patterns renamed."""
     hqc, qc = quant_config(prep)
-    rename = prep.out_map.apply_pattern if prep.out_map else None
+
+    def rename(pattern: str) -> str:  # a source pattern, to the output's naming
+        if prep.to_canon:
+            pattern = prep.to_canon.apply_pattern(pattern)
+        return prep.out_map.apply_pattern(pattern) if prep.out_map else pattern
+
     config = json.loads(json.dumps(ckpt.config)) if ckpt.config else None
     passthrough = qc == "source"
     if qc is None and config is not None:
@@ -238,7 +244,7 @@ def _write_configs(ckpt: Checkpoint, out: OutputDir, prep: Prepared) -> None:
         for holder in (config, config.get("text_config") or {}):
             holder.pop("quantization_config", None)
         config["quantization_config"] = qc  # top level, also for multimodal configs (SPEC §5)
-    elif passthrough and config is not None and rename:
+    elif passthrough and config is not None:
         for holder in (config, config.get("text_config") or {}):
             q = holder.get("quantization_config")
             for key in ("ignore", "exclude_modules", "modules_to_not_convert"):
@@ -249,7 +255,7 @@ def _write_configs(ckpt: Checkpoint, out: OutputDir, prep: Prepared) -> None:
     if passthrough:
         hqc = ckpt.read_json("hf_quant_config.json")
         q = (hqc or {}).get("quantization")
-        if rename and isinstance(q, dict) and isinstance(q.get("exclude_modules"), list):
+        if isinstance(q, dict) and isinstance(q.get("exclude_modules"), list):
             q["exclude_modules"] = [rename(p) for p in q["exclude_modules"]]
     if hqc is not None:
         out.write_file("hf_quant_config.json", (json.dumps(hqc, indent=4) + "\n").encode())

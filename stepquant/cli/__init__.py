@@ -33,9 +33,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import convert, demo, inspect
+    from . import check, convert, demo, inspect
 
-    for mod in (inspect, convert, demo):
+    for mod in (inspect, convert, check, demo):
         main.add_command(mod.command)
 
 
