@@ -166,6 +166,10 @@ def dry_run_summary(prep: Prepared) -> dict:
     for attn in prep.plan.kv_layers:
         rows.append({"module": rename(attn), "role": "kv-cache", "action": "k_scale, v_scale (fp8)", "from": "-"})
     total = sum(nb for _, _, nb in prep.outputs.values())
+    # headers (~ one JSON entry a tensor), copied sidecars and the configs we write
+    headers = sum(len(n) + 64 for n in prep.outputs)
+    sidecars = sum((prep.ckpt.root / n).stat().st_size for n in prep.ckpt.sidecars if n not in NOT_COPIED)
+    configs = 2 * (prep.ckpt.root / "config.json").stat().st_size if prep.ckpt.config else 0
     return {
         "recipe": prep.recipe.as_dict(),
         "source_naming": prep.src_naming,
@@ -173,6 +177,7 @@ def dry_run_summary(prep: Prepared) -> dict:
         "copied_tensors": len(prep.plan.copies),
         "outputs": {n: {"dtype": dt, "shape": list(s), "bytes": nb} for n, (dt, s, nb) in sorted(prep.outputs.items())},
         "predicted_tensor_bytes": total,
+        "predicted_bytes": total + headers + sidecars + configs,
         "exclude_modules": _exclude_list(prep),
     }
 

@@ -54,5 +54,6 @@ def format_plan(plan: dict) -> str:
         lines.append(f"{r['module']:<{width}}  {r['role']:<13} {r['action']}")
     lines.append(f"\n{plan['copied_tensors']} other tensors copied as they are")
     lines.append(f"exclude_modules: {len(plan['exclude_modules'])} entries")
-    lines.append(f"predicted output: {plan['predicted_tensor_bytes']:,} bytes of tensors in {len(plan['outputs'])} tensors")
+    lines.append(f"predicted output: {plan['predicted_bytes']:,} bytes ({plan['predicted_tensor_bytes']:,} in"
+                 f" {len(plan['outputs'])} tensors)")
     return "\n".join(lines)
