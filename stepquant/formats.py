@@ -20,6 +20,7 @@ E4M3_MAX = 448.0
 # code -> value for the low 3 bits of an E2M1 nibble; bit 3 is the sign
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
+ROWS_ELEMENTS = 1 << 18  # elements quantized per step on the CPU: 1 MiB of fp32, cache-sized
 Parts = dict[str, torch.Tensor]  # suffix ("weight", "weight_scale", ...) -> tensor
 
 
@@ -171,8 +172,19 @@ class NVFP4(Format):
 
     def quantize(self, w, amax):
         ws2 = (amax.float() / (E2M1_MAX * E4M3_MAX)).reshape(())
-        codes, sf = nvfp4_codes(w, ws2, self.config.group_size)
-        return {"weight": pack_nibbles(codes), "weight_scale": sf, "weight_scale_2": ws2}
+        rows = w.reshape(-1, w.shape[-1])
+        packed = torch.empty(rows.shape[0], rows.shape[1] // 2, dtype=torch.uint8)
+        scales = torch.empty(rows.shape[0], rows.shape[1] // self.config.group_size, dtype=torch.float8_e4m3fn)
+        step = max(1, ROWS_ELEMENTS // rows.shape[1])  # row blocks small enough to stay in cache
+        for i in range(0, rows.shape[0], step):
+            codes, sf = nvfp4_codes(rows[i : i + step], ws2, self.config.group_size)
+            packed[i : i + step] = pack_nibbles(codes)
+            scales[i : i + step] = sf
+        return {
+            "weight": packed.reshape(*w.shape[:-1], -1),
+            "weight_scale": scales.reshape(*w.shape[:-1], -1),
+            "weight_scale_2": ws2,
+        }
 
     def input_scale(self, act_amax):
         return (act_amax.float() / (E2M1_MAX * E4M3_MAX)).reshape(())
