@@ -99,16 +99,22 @@ def prepare(ckpt: Checkpoint, opts: ConvertOptions) -> Prepared:
     return Prepared(ckpt, recipe, plan, src_naming, out_map, to_canon, outputs)
 
 
+def plan_conversion(src: str | Path, opts: ConvertOptions) -> dict:
+    """What `convert` would do with `src`, per module, and the predicted output size; writes nothing."""
+    with open_checkpoint(src, opts.revision, opts.allow_pickle) as ckpt:
+        return dry_run_summary(prepare(ckpt, opts))
+
+
 def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None) -> Path | dict:
     """Convert the checkpoint at `src` (folder or Hub id) into a new folder `dst`; returns `dst`
     (or, with `dry_run`, the plan summary, writing nothing)."""
     opts = opts or ConvertOptions()
+    if opts.dry_run:
+        return plan_conversion(src, opts)
     started = time.time()
     max_shard = parse_size(opts.max_shard_size)
     with open_checkpoint(src, opts.revision, opts.allow_pickle) as ckpt:
         prep = prepare(ckpt, opts)
-        if opts.dry_run:
-            return dry_run_summary(prep)
         acts = None
         timings = {}
         needs_calib = prep.plan.kv_layers or any(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .check import check_checkpoint
 from .checkpoint import open_checkpoint, tensor_differences
 from .convert import ConvertOptions, convert
 from .errors import StepquantError
@@ -146,9 +147,20 @@ def run_demo(out: str | Path, echo=print) -> dict:
         diffs = tensor_differences(a, b)
     if diffs:
         raise StepquantError(f"naming round trip changed tensors: {diffs[0]}")
-    echo(f"round trip step-hub -> modelopt -> step-hub: {report['tensors']} tensors byte-identical")
-    summary = {"checkpoint": str(src), "inspect": report, "roundtrip_identical": True,
-               "seconds": round(time.time() - t0, 2)}  # fmt: skip
+    echo(f"round trip step-hub -> modelopt -> step-hub: {report['tensors']} tensors byte-identical\n")
+    recipe = "step3p7-nvfp4-moe-only-kvfp8"
+    nvfp4 = convert(src, out / "nvfp4", ConvertOptions(recipe=recipe, calib_samples=16, calib_seq_len=128, overwrite=True))
+    echo(f"converted with --recipe {recipe} -> {nvfp4}")
+    echo(format_report(inspect_checkpoint(nvfp4)) + "\n")
+    checks = {}
+    for engine in ("vllm", "sglang"):
+        rep = check_checkpoint(nvfp4, (engine,), ref=src)
+        checks[engine] = {"defects": rep.defects, "warnings": rep.warnings}
+        echo(f"check --engine {engine} --ref bf16: {len(rep.defects)} defect(s), {len(rep.warnings)} warning(s)")
+        for line in rep.defects + rep.warnings:
+            echo(f"  {line}")
+    summary = {"checkpoint": str(src), "inspect": report, "roundtrip_identical": True, "nvfp4": str(nvfp4),
+               "check": checks, "seconds": round(time.time() - t0, 2)}  # fmt: skip
     (out / "demo-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     echo(f"demo finished in {summary['seconds']}s; summary in {out / 'demo-summary.json'}")
     return summary

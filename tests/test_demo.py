@@ -52,3 +52,5 @@ def test_run_demo(tmp_path):
     assert summary["inspect"]["family"] == "step3p7"
     assert any("byte-identical" in line for line in lines)
     assert (tmp_path / "bf16-modelopt" / "stepquant.json").is_file()
+    assert summary["check"]["vllm"]["defects"] == [] and summary["check"]["sglang"]["defects"] == []
+    assert (tmp_path / "nvfp4" / "hf_quant_config.json").is_file()
