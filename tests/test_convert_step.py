@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from stepquant.check import check_checkpoint
 from stepquant.checkpoint import open_checkpoint, tensor_differences
 from stepquant.convert import ConvertOptions, convert
 from stepquant.naming import builtin_map
@@ -73,6 +74,8 @@ def test_naming_sglang(demo_ckpt, tmp_path):
         assert "language_model.lm_head.weight" in c.tensors
     excl = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
     assert "language_model.lm_head" in excl and "vision_model.*" in excl
+    for engine in ("vllm", "sglang"):
+        assert check_checkpoint(out, (engine,), ref=demo_ckpt).defects == []
 
 
 @pytest.mark.parametrize("recipe", [RECIPE, "nvfp4-all-linear", "fp8-all-linear", "step3p7-fp8"])
