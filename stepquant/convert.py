@@ -285,6 +285,14 @@ def _fingerprint(ckpt: Checkpoint, opts: ConvertOptions, prep: Prepared) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def _header_sha256(path: Path) -> str | None:
+    if path.suffix != ".safetensors":
+        return None
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return hashlib.sha256(f.read(n)).hexdigest()
+
+
 def _manifest(ckpt: Checkpoint, opts: ConvertOptions, prep: Prepared, acts: Activations | None,
               files: dict[str, dict], timings: dict) -> dict:  # fmt: skip
     calib = None
@@ -306,7 +314,8 @@ def _manifest(ckpt: Checkpoint, opts: ConvertOptions, prep: Prepared, acts: Acti
             "id": ckpt.source,
             "revision": ckpt.revision,
             "naming": prep.src_naming,
-            "files": {p.name: p.stat().st_size for p in ckpt.shards},
+            # identifies each source shard without re-reading its data: size and the sha256 of its header
+            "files": {p.name: {"bytes": p.stat().st_size, "header_sha256": _header_sha256(p)} for p in ckpt.shards},
             "total_bytes": ckpt.total_bytes,
         },
         "naming_map": {"label": prep.out_map.label, "prefixes": prep.out_map.pairs} if prep.out_map else None,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .errors import StepquantError
 from .families import Family
 from .formats import Format, detect_format, get_format
-from .recipes import Recipe
+from .recipes import SCOPES, Recipe
 from .stfile import TensorInfo
 
 SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "weight_scale_inv", "input_scale", "k_scale", "v_scale")
@@ -29,11 +29,6 @@ ROLES: tuple[tuple[str, str], ...] = (
     (r"\.(share_expert|shared_experts?)\.\w+$", "shared_expert"),
     (r"\.mlp\.\w+$", "dense_mlp"),
 )
-SCOPES: dict[str, frozenset[str]] = {
-    "moe-only": frozenset({"experts"}),
-    "mlp-only": frozenset({"experts", "dense_mlp"}),
-    "all-linear": frozenset({"experts", "dense_mlp", "shared_expert", "attention"}),
-}
 # Linear modules that share NVFP4 global scales: q/k/v of one attention, gate/up of one MLP.
 FUSION: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"^(.*\.self_attn)\.([qkv])_proj$", ("q_proj", "k_proj", "v_proj")),

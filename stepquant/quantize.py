@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import StepquantError
-from .formats import E4M3_MAX, Format, get_format
+from .formats import E4M3_MAX, Format
 from .plan import FUSION, Experts, Linear, Plan
 from .shards import OutTensor
 from .stfile import DTYPES, TORCH_TO_ST
@@ -62,15 +62,9 @@ class Executor:
         src = self._src(name)
         return self.ckpt.read(src) if idx is None else self.ckpt.read_slice(src, idx)
 
-    def _dequant(self, fmt: Format, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        w = fmt.dequantize(parts)
-        if not torch.isfinite(w).all():
-            raise StepquantError("non-finite values in a source weight")
-        return w
-
     def linear_weight(self, lin: Linear) -> torch.Tensor:
         parts = {s: self.ckpt.read(self._src(n)) for s, n in lin.parts.items() if s != "input_scale"}
-        w = self._dequant(lin.fmt_in, parts)
+        w = lin.fmt_in.dequantize(parts)
         if not torch.isfinite(w).all():
             raise StepquantError(f"tensor '{lin.parts['weight']}': NaN or Inf in the weight")
         return w
@@ -86,7 +80,7 @@ class Executor:
                 half = t.shape[0] // 2
                 t = t[:half] if key == "gate" else t[half:]
             parts[s] = t
-        w = self._dequant(ex.fmt_in, parts)
+        w = ex.fmt_in.dequantize(parts)
         if not torch.isfinite(w).all():
             raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {key}")
         return w
@@ -308,5 +302,3 @@ def _checked(parts: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tens
                 raise StepquantError(f"{where}: {s} would be NaN, Inf or zero; refusing to write it")
     return parts
 
-
-__all__ = ["Activations", "Executor", "get_format"]

@@ -15,7 +15,13 @@ from .formats import FORMATS
 from .naming import CHOICES as NAMINGS
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-SCOPES = ("moe-only", "mlp-only", "all-linear")
+# scope -> the module roles (see plan.ROLES) it quantizes; the vision tower, projector, routers, MTP
+# layers, embeddings and lm_head are in none of them
+SCOPES: dict[str, frozenset[str]] = {
+    "moe-only": frozenset({"experts"}),
+    "mlp-only": frozenset({"experts", "dense_mlp"}),
+    "all-linear": frozenset({"experts", "dense_mlp", "shared_expert", "attention"}),
+}
 LAYOUTS = ("keep", "stacked", "per-expert", "fused")
 
 
@@ -36,7 +42,7 @@ class Recipe:
     def validate(self, where: str) -> Recipe:
         checks = {
             "format": ("keep", *FORMATS),
-            "scope": SCOPES,
+            "scope": tuple(SCOPES),
             "kv_cache": ("fp8", "none"),
             "moe_layout": LAYOUTS,
             "naming": NAMINGS,

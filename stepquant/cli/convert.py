@@ -18,7 +18,7 @@ from ..shards import DEFAULT_MAX_SHARD
 @click.argument("dst", type=click.Path())
 @click.option("--recipe", help="A recipe name from recipes/ or a YAML path; the flags below override its fields.")
 @click.option("--to", "to", type=click.Choice(["keep", *FORMATS]), help="Output format of the quantized modules.")
-@click.option("--scope", type=click.Choice(SCOPES), help="Which Linears are quantized.")
+@click.option("--scope", type=click.Choice(list(SCOPES)), help="Which Linears are quantized.")
 @click.option("--kv-cache", type=click.Choice(["fp8", "none"]), help="Calibrate FP8 KV-cache scales.")
 @click.option("--moe-layout", type=click.Choice(LAYOUTS), help="Routed-expert layout of the output.")
 @click.option("--naming", type=click.Choice(CHOICES), help="Prefix convention of the output's names and exclude lists.")
