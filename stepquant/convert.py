@@ -43,7 +43,8 @@ class ConvertOptions:
     calib_samples: int | None = None
     calib_seq_len: int | None = None
     expert_input_scale: str | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # where weights are quantized (Triton kernels on cuda)
+    calib_device: str | None = None  # where the calibration forward runs; default: device
     max_shard_size: str | int = DEFAULT_MAX_SHARD
     resume: bool = False
     overwrite: bool = False
@@ -111,6 +112,11 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None
     opts = opts or ConvertOptions()
     if opts.dry_run:
         return plan_conversion(src, opts)
+    if "cuda" in (opts.device, opts.calib_device):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise StepquantError("--device cuda: no CUDA device is visible to torch")
     started = time.time()
     max_shard = parse_size(opts.max_shard_size)
     with open_checkpoint(src, opts.revision, opts.allow_pickle) as ckpt:
@@ -125,7 +131,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None
             t0 = time.time()
             acts = _calibrate(ckpt, prep, opts)
             timings["calibration_seconds"] = round(time.time() - t0, 3)
-        executor = Executor(ckpt, prep.plan, acts, prep.recipe.expert_input_scale)
+        executor = Executor(ckpt, prep.plan, acts, prep.recipe.expert_input_scale, opts.device)
         executor.check_calibration()
         tensors = executor.outputs()
         final = rename_all([t.name for t in tensors], prep.out_map) if prep.out_map else None
@@ -148,7 +154,7 @@ def _calibrate(ckpt: Checkpoint, prep: Prepared, opts: ConvertOptions) -> Activa
 
     r = prep.recipe
     batches, described = load_batches(r.calib_data, ckpt.root, r.calib_samples, r.calib_seq_len)
-    model = load_model(ckpt.root, ckpt.config, opts.device, opts.trust_remote_code)
+    model = load_model(ckpt.root, ckpt.config, opts.calib_device or opts.device, opts.trust_remote_code)
     stats = calibrate(model, batches)
     del model
     acts = to_canonical(stats, prep.plan.family.memory_names)

@@ -24,7 +24,7 @@ CACHE_BYTES = 2 * 1024**3
 
 
 def _bytes(t: torch.Tensor) -> bytes:
-    t = t.contiguous()
+    t = t.detach().cpu().contiguous()
     return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
@@ -44,8 +44,10 @@ class Activations:
 
 
 class Executor:
-    def __init__(self, ckpt: Checkpoint, plan: Plan, acts: Activations | None, expert_input_scale: str) -> None:
+    def __init__(self, ckpt: Checkpoint, plan: Plan, acts: Activations | None, expert_input_scale: str,
+                 device: str = "cpu") -> None:  # fmt: skip
         self.ckpt = ckpt
+        self.device = torch.device(device)
         self.plan = plan
         self.acts = acts
         self.per_expert_scales = expert_input_scale == "per-expert"
@@ -119,7 +121,7 @@ class Executor:
         fmt = lin.fmt_out
         group = self._group(lin) if fmt.shares_fusion_amax else [lin]
         amax = torch.stack([self.weight_amax(g.module) for g in group]).amax()
-        out = fmt.quantize(self.linear_weight(lin), amax)
+        out = {s: t.cpu() for s, t in fmt.quantize(self.linear_weight(lin).to(self.device), amax).items()}
         if fmt.calibrated:
             out["input_scale"] = fmt.input_scale(self._input_amax([g.module for g in self._group(lin)]))
         return _checked(out, lin.module)
@@ -128,12 +130,12 @@ class Executor:
         fmt = ex.fmt_out
         results = []
         for e in range(ex.num):
-            w = self.expert_weight(ex, key, e)
-            amax = w.float().abs().amax()
+            w = self.expert_weight(ex, key, e).to(self.device)
+            amax = w.float().abs().amax().cpu()
             if key in ("gate", "up") and fmt.quant_algo:  # gate/up of one expert share (fused in memory)
                 other = self.expert_weight(ex, "up" if key == "gate" else "gate", e)
                 amax = torch.maximum(amax, other.float().abs().amax())
-            results.append(fmt.quantize(w, amax))
+            results.append({s: t.cpu() for s, t in fmt.quantize(w, amax).items()})
         out = {s: torch.stack([r[s] for r in results]) for s in results[0]}
         if fmt.calibrated:
             out["input_scale"] = self.expert_input_scales(ex, key, fmt)

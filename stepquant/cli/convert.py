@@ -29,7 +29,10 @@ from ..shards import DEFAULT_MAX_SHARD
 @click.option("--calib-seq-len", type=int, help="Tokens per calibration sequence.")
 @click.option("--expert-input-scale", type=click.Choice(["shared", "per-expert"]),
               help="One input_scale per projection for all experts of a layer, or one per expert.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where weights are quantized (Triton kernels on cuda; bit-identical to cpu).")
+@click.option("--calib-device", type=click.Choice(["cpu", "cuda"]),
+              help="Where the calibration forward runs (default: --device). GPU and CPU forwards differ in rounding.")
 @click.option("--max-shard-size", default=DEFAULT_MAX_SHARD, show_default=True,
               help="Largest shard, e.g. 5GB or 500MB; a bigger tensor gets its own shard.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from DST.partial.")

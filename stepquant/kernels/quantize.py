@@ -1,0 +1,158 @@
+"""Weight-quantization kernels. Same numbers as the CPU formats, bit for bit (SPEC §2-§3):
+divisions are correctly rounded (`div_rn`), and the roundings to BF16 and E4M3 are done on the bits
+(round to nearest even), which is exact on the GPU and under the interpreter alike (the interpreter's
+own float8/bfloat16 casts round ties and carries differently).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+
+@triton.jit
+def _e2m1(x):
+    """E2M1 code (uint8, sign in bit 3) of fp32 x, round half to even, saturating at 6."""
+    a = tl.abs(x)
+    code = (a > 0.25).to(tl.uint8)
+    code += (a >= 0.75).to(tl.uint8)
+    code += (a > 1.25).to(tl.uint8)
+    code += (a >= 1.75).to(tl.uint8)
+    code += (a > 2.5).to(tl.uint8)
+    code += (a >= 3.5).to(tl.uint8)
+    code += (a > 5.0).to(tl.uint8)
+    code += (x < 0).to(tl.uint8) << 3
+    return code
+
+
+@triton.jit
+def _bf16_rne(x):
+    """fp32 -> the nearest bf16 value (ties to even), returned as fp32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e4m3_rne(x):
+    """fp32 (|x| <= 448 after rounding) -> (E4M3 bits as uint8, the E4M3 value as fp32), ties to even."""
+    a = tl.abs(x)
+    bits = a.to(tl.uint32, bitcast=True)
+    r = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000  # keep 3 mantissa bits
+    e = ((r >> 23) & 0xFF).to(tl.int32) - 127
+    normal_code = ((e + 7) << 3) | ((r >> 20) & 7).to(tl.int32)
+    sub = (a * 512.0 + 8388608.0) - 8388608.0  # subnormals: multiples of 2^-9, rounded by the fp32 add
+    is_normal = a >= 0.015625
+    code = tl.where(is_normal, normal_code, sub.to(tl.int32))
+    code = tl.minimum(code, 0x7E)  # 448 is the largest finite E4M3 value
+    value = tl.where(is_normal, r.to(tl.float32, bitcast=True), sub * 0.001953125)
+    value = tl.minimum(value, 448.0)
+    sign = (x.to(tl.uint32, bitcast=True) >> 31) != 0  # the sign bit: -0.0 and flushed denormals too
+    return (code | tl.where(sign, 0x80, 0)).to(tl.uint8), tl.where(sign, -value, value)
+
+
+@triton.jit
+def _nvfp4_weight_kernel(
+    w_ptr, ws2_ptr, q_ptr, sf_ptr,
+    R, C, rows_per_group,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_R, BLOCK_C] tile of a row-major [R, C] bf16 weight -> packed codes and E4M3 scales."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < R
+    mask = rmask[:, None] & (cols[None, :] < C)
+    w = tl.load(w_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    ws2 = tl.load(ws2_ptr + rows // rows_per_group, mask=rmask, other=1.0)
+    blocks = tl.reshape(w, (BLOCK_R, BLOCK_C // 16, 16))
+    amax = tl.max(tl.abs(blocks), axis=2)
+    s = tl.math.div_rn(amax, 6.0 * ws2[:, None])
+    s = tl.where(s == 0.0, 1.0, s)
+    s = tl.minimum(tl.maximum(s, 0.001953125), 448.0)
+    sf_bits, sf_value = _e4m3_rne(s)
+    denom = sf_value * ws2[:, None]
+    x = tl.math.div_rn(blocks, denom[:, :, None])
+    codes = _e2m1(tl.reshape(x, (BLOCK_R, BLOCK_C)))
+    lo, hi = tl.split(tl.reshape(codes, (BLOCK_R, BLOCK_C // 2, 2)))
+    packed = lo | (hi << 4)
+    pcols = pid_c * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)
+    tl.store(q_ptr + rows[:, None] * (C // 2) + pcols[None, :], packed,
+             mask=rmask[:, None] & (pcols[None, :] < C // 2))  # fmt: skip
+    scols = pid_c * (BLOCK_C // 16) + tl.arange(0, BLOCK_C // 16)
+    tl.store(sf_ptr + rows[:, None] * (C // 16) + scols[None, :], sf_bits,
+             mask=rmask[:, None] & (scols[None, :] < C // 16))  # fmt: skip
+
+
+def nvfp4_quantize(w: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed E2M1 codes (uint8 [..., in/2]) and E4M3 block scales ([..., in/16]) of `w` (bf16).
+
+    `ws2` is a 0-dim global scale, or one per leading index of a stacked `[E, out, in]` weight.
+    """
+    shape = w.shape
+    C = shape[-1]
+    assert C % 16 == 0, "NVFP4 needs the input dim to be a multiple of 16"
+    rows = w.reshape(-1, C).contiguous().to(torch.bfloat16)
+    R = rows.shape[0]
+    ws2 = ws2.reshape(-1).to(device=w.device, dtype=torch.float32).contiguous()
+    groups = ws2.numel()
+    assert R % groups == 0
+    q = torch.empty(R, C // 2, dtype=torch.uint8, device=w.device)
+    sf = torch.empty(R, C // 16, dtype=torch.uint8, device=w.device)
+    block_r, block_c = (4, 64) if interpreting() else (16, 256)
+    block_c = min(block_c, triton.next_power_of_2(C))
+    grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
+    _nvfp4_weight_kernel[grid](rows, ws2, q, sf, R, C, R // groups, BLOCK_R=block_r, BLOCK_C=block_c)
+    return q.reshape(*shape[:-1], C // 2), sf.view(torch.float8_e4m3fn).reshape(*shape[:-1], C // 16)
+
+
+@triton.jit
+def _fp8_tensor_kernel(w_ptr, scale_ptr, q_ptr, N, BLOCK: tl.constexpr):
+    """(W_bf16 / scale) rounded to bf16, then to E4M3: ModelOpt's FP8 division happens in bf16."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr)
+    code, _ = _e4m3_rne(_bf16_rne(tl.math.div_rn(w, scale)))
+    tl.store(q_ptr + offs, code, mask=mask)
+
+
+def fp8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-tensor FP8 E4M3 codes of `w` for a 0-dim fp32 `scale`."""
+    flat = w.reshape(-1).contiguous().to(torch.bfloat16)
+    q = torch.empty(flat.numel(), dtype=torch.uint8, device=w.device)
+    block = 1024 if interpreting() else 4096
+    scale = scale.reshape(1).to(device=w.device, dtype=torch.float32)
+    _fp8_tensor_kernel[(triton.cdiv(flat.numel(), block),)](flat, scale, q, flat.numel(), BLOCK=block)
+    return q.view(torch.float8_e4m3fn).reshape(w.shape)
+
+
+@triton.jit
+def _fp8_block_kernel(w_ptr, q_ptr, s_ptr, R, C, SB: tl.constexpr):
+    """One SB x SB block: scale = amax / 448 (1 where the block is all zeros), codes = W / scale."""
+    br = tl.program_id(0)
+    bc = tl.program_id(1)
+    rows = br * SB + tl.arange(0, SB)
+    cols = bc * SB + tl.arange(0, SB)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    w = tl.load(w_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
+    scale = tl.math.div_rn(amax, 448.0)
+    scale = tl.where(scale == 0.0, 1.0, scale)
+    code, _ = _e4m3_rne(tl.math.div_rn(w, scale))
+    tl.store(q_ptr + rows[:, None] * C + cols[None, :], code, mask=mask)
+    tl.store(s_ptr + br * tl.cdiv(C, SB) + bc, scale)
+
+
+def fp8_block_quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block FP8: E4M3 codes and fp32 `weight_scale_inv` per block x block tile of a 2-D `w`."""
+    R, C = w.shape
+    src = w.contiguous().to(torch.bfloat16)
+    q = torch.empty(R, C, dtype=torch.uint8, device=w.device)
+    s = torch.empty(triton.cdiv(R, block), triton.cdiv(C, block), dtype=torch.float32, device=w.device)
+    _fp8_block_kernel[(s.shape[0], s.shape[1])](src, q, s, R, C, SB=block)
+    return q.view(torch.float8_e4m3fn), s
