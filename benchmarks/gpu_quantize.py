@@ -55,6 +55,9 @@ def check_bit_identical(total_gb: float) -> dict:
             same = torch.equal(g["weight"].cpu(), c["weight"]) and torch.equal(
                 g["weight_scale"].cpu().view(torch.uint8), c["weight_scale"].view(torch.uint8)
             )
+            if e % 8 == 0:  # and the fast division against div_rn, on the GPU
+                slow = kq.nvfp4_quantize(w[e], g["weight_scale_2"], fast_div=False)
+                same &= torch.equal(slow[0], g["weight"]) and torch.equal(slow[1].view(torch.uint8), g["weight_scale"].view(torch.uint8))
             mismatches += not same
             done += 1
     fp8_ok = True
@@ -69,7 +72,7 @@ def check_bit_identical(total_gb: float) -> dict:
             "fp8_and_block_identical": bool(fp8_ok), "gpu_s": t_gpu, "cpu_s": t_cpu}  # fmt: skip
 
 
-def time_kernel(shape, block_r, block_c, warps) -> float:
+def time_kernel(shape, block_r, block_c, warps, fast=True) -> float:
     w = experts(shape[0], shape[1], shape[2])
     ws2 = (w.float().abs().amax(dim=(1, 2)) / 2688.0).contiguous()
     rows = w.reshape(-1, shape[2])
@@ -79,7 +82,7 @@ def time_kernel(shape, block_r, block_c, warps) -> float:
 
     def run():
         kq._nvfp4_weight_kernel[grid](rows, ws2, q, sf, rows.shape[0], shape[2], shape[1],
-                                      BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)  # fmt: skip
+                                      BLOCK_R=block_r, BLOCK_C=block_c, FAST_DIV=fast, num_warps=warps)  # fmt: skip
 
     return triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
 
@@ -97,13 +100,16 @@ def main() -> None:
     shape = (64, 1280, 4096)  # 64 Step experts, 671 MB of BF16
     moved = shape[0] * shape[1] * shape[2] * (2 + 0.5 + 1 / 16)
     rows = []
-    for br, bc, wp in [(16, 256, 4), (8, 256, 4), (32, 256, 8), (16, 512, 8), (4, 1024, 4), (8, 512, 4), (64, 128, 8)]:
-        ms = time_kernel(shape, br, bc, wp)
-        rows.append({"block_r": br, "block_c": bc, "warps": wp, "ms": ms, "tb_s": moved / (ms * 1e-3) / 1e12,
-                     "pct_copy": 100 * moved / (ms * 1e-3) / bw})  # fmt: skip
-    print("\n| BLOCK_R | BLOCK_C | warps | ms | TB/s | % of copy |\n|---|---|---|---|---|---|")
+    variants = [(16, 256, 4, False), (16, 256, 4, True), (8, 256, 4, True), (32, 256, 8, True), (16, 512, 8, True),
+                (4, 1024, 4, True), (8, 512, 4, True), (32, 128, 4, True), (64, 128, 8, True)]  # fmt: skip
+    for br, bc, wp, fast in variants:
+        ms = time_kernel(shape, br, bc, wp, fast)
+        rows.append({"block_r": br, "block_c": bc, "warps": wp, "fast_div": fast, "ms": ms,
+                     "tb_s": moved / (ms * 1e-3) / 1e12, "pct_copy": 100 * moved / (ms * 1e-3) / bw})  # fmt: skip
+    print("\n| BLOCK_R | BLOCK_C | warps | division | ms | TB/s | % of copy |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['block_r']} | {r['block_c']} | {r['warps']} | {r['ms']:.3f} | {r['tb_s']:.2f} | {r['pct_copy']:.0f}% |")
+        div = "rcp+Newton" if r["fast_div"] else "div_rn"
+        print(f"| {r['block_r']} | {r['block_c']} | {r['warps']} | {div} | {r['ms']:.3f} | {r['tb_s']:.2f} | {r['pct_copy']:.0f}% |")
     result["variants"] = rows
     check = check_bit_identical(args.gb)
     print(f"\nbit-identical check: {json.dumps(check)}")

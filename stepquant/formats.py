@@ -109,7 +109,7 @@ class FP8(Format):
         return {"weight": ("F8_E4M3", tuple(shape)), "weight_scale": ("F32", ())}
 
     def quantize(self, w, amax):
-        scale = (amax.float() / E4M3_MAX).reshape(())
+        scale = _cpu_scale(amax, E4M3_MAX)
         if w.is_cuda:
             from .kernels.quantize import fp8_quantize
 
@@ -180,7 +180,7 @@ class NVFP4(Format):
             )
 
     def quantize(self, w, amax):
-        ws2 = (amax.float() / (E2M1_MAX * E4M3_MAX)).reshape(())
+        ws2 = _cpu_scale(amax, E2M1_MAX * E4M3_MAX)
         if w.is_cuda:
             from .kernels.quantize import nvfp4_quantize
 
@@ -208,6 +208,12 @@ class NVFP4(Format):
         values = E2M1_VALUES[unpack_nibbles(parts["weight"]).long()]
         sf = parts["weight_scale"].float().repeat_interleave(g, -1)
         return (values * sf * parts["weight_scale_2"].float()).to(torch.bfloat16)
+
+
+def _cpu_scale(amax: torch.Tensor, divisor: float) -> torch.Tensor:
+    """amax / divisor as a 0-dim fp32 on the CPU. Always on the CPU: CUDA torch divides a tensor by a
+    scalar through its reciprocal, which is 1 ulp off for some values; the CPU division is exact."""
+    return (amax.detach().float().cpu() / divisor).reshape(())
 
 
 def nvfp4_codes(w: torch.Tensor, ws2: torch.Tensor, group: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,7 +58,7 @@ def _e4m3_rne(x):
 def _nvfp4_weight_kernel(
     w_ptr, ws2_ptr, q_ptr, sf_ptr,
     R, C, rows_per_group,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, FAST_DIV: tl.constexpr,
 ):  # fmt: skip
     """One [BLOCK_R, BLOCK_C] tile of a row-major [R, C] bf16 weight -> packed codes and E4M3 scales."""
     pid_r = tl.program_id(0)
@@ -75,8 +75,16 @@ def _nvfp4_weight_kernel(
     s = tl.where(s == 0.0, 1.0, s)
     s = tl.minimum(tl.maximum(s, 0.001953125), 448.0)
     sf_bits, sf_value = _e4m3_rne(s)
-    denom = sf_value * ws2[:, None]
-    x = tl.math.div_rn(blocks, denom[:, :, None])
+    denom = (sf_value * ws2[:, None])[:, :, None]
+    if FAST_DIV:
+        # correctly rounded w / denom from one division per block: q0 = w * RN(1/denom), then one
+        # Newton step on the exact remainder (Markstein); benchmarks/gpu_quantize.py checks it
+        # against div_rn bit for bit at scale
+        r = tl.math.div_rn(1.0, denom)
+        q0 = blocks * r
+        x = tl.fma(tl.fma(-q0, denom, blocks), r, q0)
+    else:
+        x = tl.math.div_rn(blocks, denom)
     codes = _e2m1(tl.reshape(x, (BLOCK_R, BLOCK_C)))
     lo, hi = tl.split(tl.reshape(codes, (BLOCK_R, BLOCK_C // 2, 2)))
     packed = lo | (hi << 4)
@@ -88,7 +96,7 @@ def _nvfp4_weight_kernel(
              mask=rmask[:, None] & (scols[None, :] < C // 16))  # fmt: skip
 
 
-def nvfp4_quantize(w: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nvfp4_quantize(w: torch.Tensor, ws2: torch.Tensor, fast_div: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed E2M1 codes (uint8 [..., in/2]) and E4M3 block scales ([..., in/16]) of `w` (bf16).
 
     `ws2` is a 0-dim global scale, or one per leading index of a stacked `[E, out, in]` weight.
@@ -106,7 +114,8 @@ def nvfp4_quantize(w: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, to
     block_r, block_c = (4, 64) if interpreting() else (16, 256)
     block_c = min(block_c, triton.next_power_of_2(C))
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
-    _nvfp4_weight_kernel[grid](rows, ws2, q, sf, R, C, R // groups, BLOCK_R=block_r, BLOCK_C=block_c)
+    fast = not interpreting() if fast_div is None else fast_div
+    _nvfp4_weight_kernel[grid](rows, ws2, q, sf, R, C, R // groups, BLOCK_R=block_r, BLOCK_C=block_c, FAST_DIV=fast)
     return q.reshape(*shape[:-1], C // 2), sf.view(torch.float8_e4m3fn).reshape(*shape[:-1], C // 16)
 
 
