@@ -75,7 +75,7 @@ def check_bit_identical(total_gb: float) -> dict:
 def time_kernel(shape, block_r, block_c, warps, fast=True) -> float:
     w = experts(shape[0], shape[1], shape[2])
     ws2 = (w.float().abs().amax(dim=(1, 2)) / 2688.0).contiguous()
-    rows = w.reshape(-1, shape[2])
+    rows = w.reshape(-1, shape[2]).view(torch.int32)
     q = torch.empty(rows.shape[0], shape[2] // 2, dtype=torch.uint8, device="cuda")
     sf = torch.empty(rows.shape[0], shape[2] // 16, dtype=torch.uint8, device="cuda")
     grid = (triton.cdiv(rows.shape[0], block_r), triton.cdiv(shape[2], block_c))

@@ -1,0 +1,233 @@
+"""NVFP4 linear layers on GPUs without FP4 tensor cores (Hopper), SPEC §9.
+
+- `w4a16`: FP4 weights dequantized in registers (exact `code x block scale` values in BF16), BF16
+  activations, BF16 MMA with fp32 accumulation, `x weight_scale_2` in fp32: what Hopper engines run.
+- `w4a4`: activations quantized to NVFP4 per 16-block with Blackwell's recipe (approximate reciprocals
+  through `rcp.approx.ftz.f32`), both operands fed to the MMA as exact `code x scale` BF16 values, fp32
+  accumulation, `alpha = input_scale x weight_scale_2` in fp32: what Blackwell computes, up to summation
+  order.
+
+Under the Triton interpreter (CPU, for CI) the approximate reciprocals are exact divisions and the
+operands are cast to fp32 before `tl.dot` (the interpreter's BF16 dot is wrong).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+from .quantize import _e2m1, _e4m3_rne
+
+
+@triton.jit
+def _e2m1_value(code):
+    """fp32 value of an E2M1 code (uint8, sign in bit 3)."""
+    c = code.to(tl.int32)
+    mag = c & 7
+    e = mag >> 1
+    m = (mag & 1).to(tl.float32)
+    scale = ((e + 125) << 23).to(tl.float32, bitcast=True)  # 2^(e-2)
+    v = tl.where(e == 0, m * 0.5, (2.0 + m) * scale)
+    return tl.where((c & 8) != 0, -v, v)
+
+
+@triton.jit
+def _e4m3_value(bits):
+    """fp32 value of E4M3 bits (uint8); block scales are never negative or NaN."""
+    b = bits.to(tl.int32)
+    e = (b >> 3) & 15
+    m = (b & 7).to(tl.float32)
+    scale = ((e + 117) << 23).to(tl.float32, bitcast=True)  # 2^(e-10)
+    return tl.where(e == 0, m * 0.001953125, (8.0 + m) * scale)
+
+
+@triton.jit
+def _rcp(x, APPROX: tl.constexpr):
+    if APPROX:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)  # fmt: skip
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _quantize_act_block(x, gs, rcp_gs, BM: tl.constexpr, BK: tl.constexpr, APPROX: tl.constexpr):
+    """Blackwell's NVFP4 activation quantization of an [BM, BK] fp32 tile: (codes, E4M3 scale values)."""
+    x3 = tl.reshape(x, (BM, BK // 16, 16))
+    vmax = tl.max(tl.abs(x3), axis=2)
+    sf_bits, sf = _e4m3_rne(tl.minimum(gs * (vmax * _rcp(6.0, APPROX)), 448.0))
+    out_scale = tl.where(vmax != 0.0, _rcp(tl.where(vmax != 0.0, sf * rcp_gs, 1.0), APPROX), 0.0)
+    codes = _e2m1(x3 * out_scale[:, :, None])
+    return tl.reshape(codes, (BM, BK)), sf_bits, sf
+
+
+@triton.jit
+def _nvfp4_linear_kernel(
+    a_ptr, w_ptr, sf_ptr, out_ptr, scalars_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_am, stride_om,
+    W4A4: tl.constexpr, APPROX: tl.constexpr, DOT_FP32: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """One [BM, BN] output tile over one K range; with SPLIT > 1 the raw fp32 partial sums go to
+    out_ptr[split] and are added up (deterministically) and scaled by the caller."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    alpha = tl.load(scalars_ptr)  # ws2 (w4a16) or input_scale * ws2 (w4a4)
+    gs = tl.load(scalars_ptr + 1)  # 1 / input_scale
+    rcp_gs = _rcp(gs, APPROX)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(pid_k * K_PER_SPLIT, tl.minimum((pid_k + 1) * K_PER_SPLIT, K), BK):
+        rk = k0 + tl.arange(0, BK)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        rkh = k0 // 2 + tl.arange(0, BK // 2)
+        packed = tl.load(w_ptr + rn[:, None] * (K // 2) + rkh[None, :], mask=(rn[:, None] < N) & (rkh[None, :] < K // 2), other=0)
+        rks = k0 // 16 + tl.arange(0, BK // 16)
+        sfw = _e4m3_value(tl.load(sf_ptr + rn[:, None] * (K // 16) + rks[None, :], mask=(rn[:, None] < N) & (rks[None, :] < K // 16), other=0))
+        lo = _e2m1_value(packed & 15)
+        hi = _e2m1_value(packed >> 4)
+        wv = tl.reshape(tl.join(lo, hi), (BN, BK))  # element 2k from the low nibble
+        wv = tl.reshape(tl.reshape(wv, (BN, BK // 16, 16)) * sfw[:, :, None], (BN, BK))
+        if W4A4:
+            codes, _, sfa = _quantize_act_block(a.to(tl.float32), gs, rcp_gs, BM, BK, APPROX)
+            av = tl.reshape(tl.reshape(_e2m1_value(codes), (BM, BK // 16, 16)) * sfa[:, :, None], (BM, BK))
+        else:
+            av = a.to(tl.float32)
+        if DOT_FP32:
+            acc += tl.dot(av, tl.trans(wv), input_precision="ieee")
+        else:
+            acc += tl.dot(av.to(tl.bfloat16), tl.trans(wv.to(tl.bfloat16)))
+    omask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT == 1:
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], (acc * alpha).to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.store(out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=omask)
+
+
+def _blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, warps, K splits): decode shapes split K so that the grid fills the GPU."""
+    if interpreting():
+        return 16, 16, 32, 4, (2 if k >= 64 else 1)
+    if m <= 16:
+        bm, bn, bk, warps = 16, 64, 128, 4
+    elif m <= 64:
+        bm, bn, bk, warps = 64, 64, 128, 4
+    else:
+        bm, bn, bk, warps = 128, 128, 64, 8
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = 1
+    while tiles * split < 264 and k // (split * 2) >= 4 * bk:  # ~2 programs per SM on 132 SMs
+        split *= 2
+    return bm, bn, bk, warps, split
+
+
+def nvfp4_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_scale_2: torch.Tensor,
+    input_scale: torch.Tensor | None = None,
+    mode: str = "w4a16",
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """`x @ W.T` for an NVFP4 weight (packed uint8 [N, K/2], E4M3 scales [N, K/16], global scale).
+    `out_dtype=torch.float32` keeps the fp32 accumulator (for checking against fp64)."""
+    *lead, K = x.shape
+    N = weight.shape[0]
+    a = x.reshape(-1, K).to(torch.bfloat16).contiguous()
+    M = a.shape[0]
+    if mode not in ("w4a16", "w4a4"):
+        raise ValueError(f"mode must be w4a16 or w4a4, not {mode!r}")
+    ws2 = float(weight_scale_2.float().cpu())
+    if mode == "w4a4":
+        if input_scale is None:
+            raise ValueError("w4a4 needs the checkpoint's input_scale")
+        isc = torch.tensor(float(input_scale.float().cpu()), dtype=torch.float32)
+        scalars = torch.stack([isc * torch.tensor(ws2), 1.0 / isc])  # fp32 products and quotient
+    else:
+        scalars = torch.tensor([ws2, 1.0], dtype=torch.float32)
+    bm, bn, bk, warps, split = _blocks(M, N, K)
+    per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    out = torch.empty(M, N, dtype=out_dtype, device=x.device)
+    target = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
+    scalars = scalars.to(x.device)
+    _nvfp4_linear_kernel[grid](
+        a, weight.contiguous(), weight_scale.contiguous().view(torch.uint8), target, scalars,
+        M, N, K, per_split, a.stride(0), out.stride(0),
+        W4A4=mode == "w4a4", APPROX=not interpreting(), DOT_FP32=interpreting(),
+        BM=bm, BN=bn, BK=bk, SPLIT=split, num_warps=warps,
+    )  # fmt: skip
+    if split > 1:
+        out.copy_(target.sum(0) * scalars[0])
+    return out.reshape(*lead, N)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, sf_ptr, scalars_ptr, M, K, APPROX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rk = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (rm[:, None] < M) & (rk[None, :] < K)
+    x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+    gs = tl.load(scalars_ptr + 1)
+    codes, sf_bits, _ = _quantize_act_block(x, gs, _rcp(gs, APPROX), BM, BK, APPROX)
+    lo, hi = tl.split(tl.reshape(codes, (BM, BK // 2, 2)))
+    rkh = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
+    tl.store(q_ptr + rm[:, None] * (K // 2) + rkh[None, :], lo | (hi << 4), mask=(rm[:, None] < M) & (rkh[None, :] < K // 2))
+    rks = tl.program_id(1) * (BK // 16) + tl.arange(0, BK // 16)
+    tl.store(sf_ptr + rm[:, None] * (K // 16) + rks[None, :], sf_bits, mask=(rm[:, None] < M) & (rks[None, :] < K // 16))
+
+
+def nvfp4_quantize_activations(x: torch.Tensor, input_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blackwell's NVFP4 activation quantization as the w4a4 linear does it: packed codes, E4M3 scales."""
+    K = x.shape[-1]
+    a = x.reshape(-1, K).to(torch.bfloat16).contiguous()
+    M = a.shape[0]
+    isc = torch.tensor(float(input_scale.float().cpu()), dtype=torch.float32)
+    scalars = torch.stack([isc, 1.0 / isc]).to(x.device)
+    q = torch.empty(M, K // 2, dtype=torch.uint8, device=x.device)
+    sf = torch.empty(M, K // 16, dtype=torch.uint8, device=x.device)
+    bm, bk = (4, 32) if interpreting() else (16, 256)
+    _act_quant_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](a, q, sf, scalars, M, K, APPROX=not interpreting(), BM=bm, BK=bk)
+    return q.reshape(*x.shape[:-1], K // 2), sf.view(torch.float8_e4m3fn).reshape(*x.shape[:-1], K // 16)
+
+
+# -- plain-torch references ------------------------------------------------------------------------
+def dequantize_nvfp4(packed: torch.Tensor, sf: torch.Tensor, global_scale: float | torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    from ..formats import E2M1_VALUES, unpack_nibbles
+
+    values = E2M1_VALUES.to(packed.device, dtype)[unpack_nibbles(packed).long()]
+    return values * sf.to(dtype).repeat_interleave(16, -1) * torch.as_tensor(global_scale, dtype=dtype)
+
+
+def quantize_activations_reference(x: torch.Tensor, input_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blackwell's recipe in torch with exact reciprocals (the GPU's rcp.approx can differ for
+    data-dependent values): packed codes and E4M3 scales."""
+    from ..formats import e2m1, pack_nibbles
+
+    xf = x.float().reshape(*x.shape[:-1], -1, 16)
+    gs = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(input_scale, dtype=torch.float32)
+    vmax = xf.abs().amax(-1)
+    sf = (gs * (vmax * torch.tensor(1 / 6, dtype=torch.float32))).clamp(max=448).to(torch.float8_e4m3fn)
+    rcp_gs = 1.0 / gs
+    out_scale = torch.where(vmax != 0, 1.0 / (sf.float() * rcp_gs), torch.zeros_like(vmax))
+    codes = e2m1(xf * out_scale.unsqueeze(-1)).reshape(x.shape)
+    return pack_nibbles(codes), sf
+
+
+def nvfp4_linear_reference(x, weight, weight_scale, weight_scale_2, input_scale=None, mode="w4a16") -> torch.Tensor:
+    """fp64 reference: dequantized operands (activations quantized for w4a4), fp64 matmul, alpha."""
+    w = dequantize_nvfp4(weight, weight_scale, 1.0)
+    if mode == "w4a4":
+        qa, sfa = quantize_activations_reference(x, float(input_scale))
+        a = dequantize_nvfp4(qa, sfa, 1.0)
+        alpha = float(torch.tensor(float(input_scale), dtype=torch.float32) * torch.tensor(float(weight_scale_2), dtype=torch.float32))
+    else:
+        a = x.to(torch.float64)
+        alpha = float(weight_scale_2)
+    return (a @ w.T) * alpha
