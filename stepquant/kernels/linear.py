@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dataclasses import dataclass
+
 from . import interpreting
 from .quantize import _e2m1, _e4m3_rne
 
@@ -64,6 +66,15 @@ def _quantize_act_block(x, gs, rcp_gs, BM: tl.constexpr, BK: tl.constexpr, APPRO
 
 
 @triton.jit
+def _fp4_bits_to_f32(code):
+    """E2M1 code (sign bit 3) -> its value / 2^14, decoded on the bits: the magnitude goes into an fp16's
+    exponent/mantissa fields (0.5 lands on the fp16 subnormal 2^-15), the caller multiplies by 2^14."""
+    c = code.to(tl.uint16)
+    half = ((c & 7) << 9) | ((c & 8) << 12)
+    return half.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _nvfp4_linear_kernel(
     a_ptr, w_ptr, sf_ptr, out_ptr, scalars_ptr,
     M, N, K, K_PER_SPLIT,
@@ -72,10 +83,15 @@ def _nvfp4_linear_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """One [BM, BN] output tile over one K range; with SPLIT > 1 the raw fp32 partial sums go to
-    out_ptr[split] and are added up (deterministically) and scaled by the caller."""
+    out_ptr[split] and are added up (deterministically) and scaled by the caller.
+
+    K is walked as even and odd columns: the low nibbles of a weight byte meet the even activation
+    columns and the high nibbles the odd ones, so nothing is interleaved in registers.
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    HK: tl.constexpr = BK // 2
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     alpha = tl.load(scalars_ptr)  # ws2 (w4a16) or input_scale * ws2 (w4a4)
@@ -83,25 +99,33 @@ def _nvfp4_linear_kernel(
     rcp_gs = _rcp(gs, APPROX)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(pid_k * K_PER_SPLIT, tl.minimum((pid_k + 1) * K_PER_SPLIT, K), BK):
+        rkh = k0 // 2 + tl.arange(0, HK)  # byte (= column pair) index
         rk = k0 + tl.arange(0, BK)
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        rkh = k0 // 2 + tl.arange(0, BK // 2)
-        packed = tl.load(w_ptr + rn[:, None] * (K // 2) + rkh[None, :], mask=(rn[:, None] < N) & (rkh[None, :] < K // 2), other=0)
+        a_even, a_odd = tl.split(tl.reshape(a.to(tl.float32), (BM, HK, 2)))
+        wmask = (rn[:, None] < N) & (rkh[None, :] < K // 2)
+        packed = tl.load(w_ptr + rn[:, None] * (K // 2) + rkh[None, :], mask=wmask, other=0)
         rks = k0 // 16 + tl.arange(0, BK // 16)
-        sfw = _e4m3_value(tl.load(sf_ptr + rn[:, None] * (K // 16) + rks[None, :], mask=(rn[:, None] < N) & (rks[None, :] < K // 16), other=0))
-        lo = _e2m1_value(packed & 15)
-        hi = _e2m1_value(packed >> 4)
-        wv = tl.reshape(tl.join(lo, hi), (BN, BK))  # element 2k from the low nibble
-        wv = tl.reshape(tl.reshape(wv, (BN, BK // 16, 16)) * sfw[:, :, None], (BN, BK))
+        sfw = _e4m3_value(tl.load(sf_ptr + rn[:, None] * (K // 16) + rks[None, :],
+                                  mask=(rn[:, None] < N) & (rks[None, :] < K // 16), other=0)) * 16384.0  # fmt: skip
+        sfw = tl.reshape(tl.broadcast_to(sfw[:, :, None], (BN, BK // 16, 8)), (BN, HK))
+        w_lo = _fp4_bits_to_f32(packed & 15) * sfw
+        w_hi = _fp4_bits_to_f32(packed >> 4) * sfw
         if W4A4:
-            codes, _, sfa = _quantize_act_block(a.to(tl.float32), gs, rcp_gs, BM, BK, APPROX)
-            av = tl.reshape(tl.reshape(_e2m1_value(codes), (BM, BK // 16, 16)) * sfa[:, :, None], (BM, BK))
-        else:
-            av = a.to(tl.float32)
+            e3 = tl.reshape(a_even, (BM, BK // 16, 8))
+            o3 = tl.reshape(a_odd, (BM, BK // 16, 8))
+            vmax = tl.maximum(tl.max(tl.abs(e3), axis=2), tl.max(tl.abs(o3), axis=2))
+            _, sfa = _e4m3_rne(tl.minimum(gs * (vmax * _rcp(6.0, APPROX)), 448.0))
+            out_scale = tl.where(vmax != 0.0, _rcp(tl.where(vmax != 0.0, sfa * rcp_gs, 1.0), APPROX), 0.0)
+            sfa16 = sfa * 16384.0
+            a_even = tl.reshape(_fp4_bits_to_f32(_e2m1(e3 * out_scale[:, :, None])) * sfa16[:, :, None], (BM, HK))
+            a_odd = tl.reshape(_fp4_bits_to_f32(_e2m1(o3 * out_scale[:, :, None])) * sfa16[:, :, None], (BM, HK))
         if DOT_FP32:
-            acc += tl.dot(av, tl.trans(wv), input_precision="ieee")
+            acc += tl.dot(a_even, tl.trans(w_lo), input_precision="ieee")
+            acc += tl.dot(a_odd, tl.trans(w_hi), input_precision="ieee")
         else:
-            acc += tl.dot(av.to(tl.bfloat16), tl.trans(wv.to(tl.bfloat16)))
+            acc += tl.dot(a_even.to(tl.bfloat16), tl.trans(w_lo.to(tl.bfloat16)))
+            acc += tl.dot(a_odd.to(tl.bfloat16), tl.trans(w_hi.to(tl.bfloat16)))
     omask = (rm[:, None] < M) & (rn[None, :] < N)
     if SPLIT == 1:
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], (acc * alpha).to(out_ptr.dtype.element_ty), mask=omask)
@@ -126,45 +150,67 @@ def _blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     return bm, bn, bk, warps, split
 
 
-def nvfp4_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    weight_scale_2: torch.Tensor,
-    input_scale: torch.Tensor | None = None,
-    mode: str = "w4a16",
-    out_dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """`x @ W.T` for an NVFP4 weight (packed uint8 [N, K/2], E4M3 scales [N, K/16], global scale).
-    `out_dtype=torch.float32` keeps the fp32 accumulator (for checking against fp64)."""
-    *lead, K = x.shape
-    N = weight.shape[0]
-    a = x.reshape(-1, K).to(torch.bfloat16).contiguous()
-    M = a.shape[0]
+@dataclass
+class NVFP4Weight:
+    """An NVFP4 Linear's tensors on the GPU, with its fp32 scalars precomputed on the same device
+    (alpha for each mode and 1/input_scale), so a call needs no host synchronization."""
+
+    weight: torch.Tensor  # uint8 [N, K/2]
+    weight_scale: torch.Tensor  # E4M3 [N, K/16]
+    scalars: torch.Tensor  # fp32 [4]: ws2, input_scale * ws2, 1 / input_scale, 1
+
+    @classmethod
+    def from_parts(cls, weight, weight_scale, weight_scale_2, input_scale=None) -> NVFP4Weight:
+        ws2 = weight_scale_2.detach().float().reshape(()).cpu()
+        isc = (input_scale.detach().float().reshape(()).cpu() if input_scale is not None
+               else torch.tensor(float("nan")))  # fmt: skip
+        one = torch.tensor(1.0)
+        scalars = torch.stack([ws2, isc * ws2, one / isc, one])  # divided on the CPU: exactly rounded
+        return cls(weight.contiguous(), weight_scale.contiguous().view(torch.uint8), scalars.to(weight.device))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape[0], self.weight.shape[1] * 2
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, out_ptr, scalars_ptr, MN, SPLIT: tl.constexpr, ALPHA_IDX: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT):  # a fixed order: deterministic
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, (acc * tl.load(scalars_ptr + ALPHA_IDX)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """`x @ W.T` for an NVFP4 weight. `out_dtype=torch.float32` keeps the fp32 accumulator
+    (for checking against fp64)."""
     if mode not in ("w4a16", "w4a4"):
         raise ValueError(f"mode must be w4a16 or w4a4, not {mode!r}")
-    ws2 = float(weight_scale_2.float().cpu())
-    if mode == "w4a4":
-        if input_scale is None:
-            raise ValueError("w4a4 needs the checkpoint's input_scale")
-        isc = torch.tensor(float(input_scale.float().cpu()), dtype=torch.float32)
-        scalars = torch.stack([isc * torch.tensor(ws2), 1.0 / isc])  # fp32 products and quotient
-    else:
-        scalars = torch.tensor([ws2, 1.0], dtype=torch.float32)
+    *lead, K = x.shape
+    N = w.weight.shape[0]
+    a = x.reshape(-1, K)
+    if a.dtype != torch.bfloat16 or not a.is_contiguous():
+        a = a.to(torch.bfloat16).contiguous()
+    M = a.shape[0]
     bm, bn, bk, warps, split = _blocks(M, N, K)
     per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
     target = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    # scalars: [ws2, input_scale * ws2, 1 / input_scale, 1]; the kernel reads alpha at 0 and gs at 1,
+    # so pass the matching view for the mode
+    scalars = w.scalars[0:] if mode == "w4a16" else w.scalars[1:]
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
-    scalars = scalars.to(x.device)
     _nvfp4_linear_kernel[grid](
-        a, weight.contiguous(), weight_scale.contiguous().view(torch.uint8), target, scalars,
+        a, w.weight, w.weight_scale, target, scalars,
         M, N, K, per_split, a.stride(0), out.stride(0),
         W4A4=mode == "w4a4", APPROX=not interpreting(), DOT_FP32=interpreting(),
         BM=bm, BN=bn, BK=bk, SPLIT=split, num_warps=warps,
     )  # fmt: skip
     if split > 1:
-        out.copy_(target.sum(0) * scalars[0])
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](target, out, scalars, M * N, SPLIT=split, ALPHA_IDX=0, BLOCK=block)
     return out.reshape(*lead, N)
 
 
@@ -188,8 +234,8 @@ def nvfp4_quantize_activations(x: torch.Tensor, input_scale: torch.Tensor) -> tu
     K = x.shape[-1]
     a = x.reshape(-1, K).to(torch.bfloat16).contiguous()
     M = a.shape[0]
-    isc = torch.tensor(float(input_scale.float().cpu()), dtype=torch.float32)
-    scalars = torch.stack([isc, 1.0 / isc]).to(x.device)
+    isc = input_scale.detach().float().reshape(()).cpu()
+    scalars = torch.stack([isc, torch.tensor(1.0) / isc]).to(x.device)
     q = torch.empty(M, K // 2, dtype=torch.uint8, device=x.device)
     sf = torch.empty(M, K // 16, dtype=torch.uint8, device=x.device)
     bm, bk = (4, 32) if interpreting() else (16, 256)

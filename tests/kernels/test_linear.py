@@ -5,6 +5,7 @@ import torch
 
 from stepquant.formats import FORMATS
 from stepquant.kernels.linear import (
+    NVFP4Weight,
     nvfp4_linear,
     nvfp4_linear_reference,
     nvfp4_quantize_activations,
@@ -29,11 +30,12 @@ def _rel(a, b):
 @pytest.mark.parametrize("n, k", [(48, 64), (32, 96)])
 def test_w4a16_matches_reference(device, n, k):
     p, x, _ = _layer(n, k, 0, device)
-    out = nvfp4_linear(x, p["weight"], p["weight_scale"], p["weight_scale_2"], mode="w4a16")
+    w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"])
+    out = nvfp4_linear(x, w, mode="w4a16")
     ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"])
     assert out.shape == (5, n) and out.dtype == torch.bfloat16
     assert _rel(out, ref) < 1e-2  # the bf16 output's rounding
-    out32 = nvfp4_linear(x, p["weight"], p["weight_scale"], p["weight_scale_2"], mode="w4a16", out_dtype=torch.float32)
+    out32 = nvfp4_linear(x, w, mode="w4a16", out_dtype=torch.float32)
     assert _rel(out32, ref) < 1e-5
 
 
@@ -52,7 +54,8 @@ def test_activation_quantization_matches_recipe(device):
 def test_w4a4_matches_fp64_reference(device, n, k):
     p, x, isc = _layer(n, k, 2, device)
     ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode="w4a4")
-    out32 = nvfp4_linear(x, p["weight"], p["weight_scale"], p["weight_scale_2"], isc, mode="w4a4", out_dtype=torch.float32)
+    w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc)
+    out32 = nvfp4_linear(x, w, mode="w4a4", out_dtype=torch.float32)
     assert _rel(out32, ref) < 1e-5  # exact products; only the fp32 summation order differs
-    out = nvfp4_linear(x, p["weight"], p["weight_scale"], p["weight_scale_2"], isc, mode="w4a4")
+    out = nvfp4_linear(x, w, mode="w4a4")
     assert out.dtype == torch.bfloat16 and _rel(out, ref) < 1e-2
