@@ -90,6 +90,33 @@ def speed(bw: float) -> list[dict]:
     return rows
 
 
+def sweep() -> list[dict]:
+    """Decode tilings for two shapes: which (BM, BN, BK, warps, splits, stages) is fastest."""
+    rows = []
+    for name in ("expert gate 1280x4096", "attn o 4096x8192"):
+        n, k = SHAPES[name]
+        w, p = layer(n, k)
+        lin = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], torch.tensor(0.01))
+        x = torch.randn(16, k, device="cuda").to(torch.bfloat16)
+        bf = graph_time(lambda: x @ w.T)
+        for bn in (32, 64, 128):
+            for bk in (128, 256, 512):
+                for warps in (4, 8):
+                    for stages in (2, 4):
+                        tiles = triton.cdiv(n, bn)
+                        split = 1
+                        while tiles * split < 264 and k // (split * 2) >= 2 * bk:
+                            split *= 2
+                        cfg = (16, bn, bk, warps, split, stages)
+                        try:
+                            ms = graph_time(lambda: nvfp4_linear(x, lin, "w4a16", config=cfg))
+                        except Exception as exc:  # noqa: BLE001 - a tiling that does not compile
+                            rows.append({"shape": name, "config": cfg, "error": type(exc).__name__})
+                            continue
+                        rows.append({"shape": name, "config": cfg, "ms": ms, "x_bf16": bf / ms})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -106,10 +133,18 @@ def main() -> None:
     for r in sp:
         print(f"| {r['shape']} | {r['M']} | {r['mode']} | {r['ms']:.4f} | {r['bf16_ms']:.4f} | {r['speedup_vs_bf16']:.2f} "
               f"| {r['gb_s']:.0f} | {r['pct_roofline']:.0f}% | {r['tflops']:.1f} |")
+    sw = sweep()
+    best = {}
+    for r in sw:
+        if "ms" in r and (r["shape"] not in best or r["ms"] < best[r["shape"]]["ms"]):
+            best[r["shape"]] = r
+    print("\ndecode tiling sweep (M=16, w4a16), best per shape:")
+    for r in best.values():
+        print(f"  {r['shape']}: (BM, BN, BK, warps, splits, stages) = {r['config']}: {r['ms']:.4f} ms, {r['x_bf16']:.2f}x bf16")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gpu_linear.json").write_text(json.dumps({"device": dev.name, "copy_tb_s": bw / 1e12,
-                                                                    "accuracy": acc, "speed": sp}, indent=2))
+                                                                    "accuracy": acc, "speed": sp, "sweep": sw}, indent=2))
 
 
 if __name__ == "__main__":

@@ -183,9 +183,10 @@ def _splitk_reduce_kernel(part_ptr, out_ptr, scalars_ptr, MN, SPLIT: tl.constexp
     tl.store(out_ptr + offs, (acc * tl.load(scalars_ptr + ALPHA_IDX)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype: torch.dtype = torch.bfloat16,
+                 config: tuple[int, ...] | None = None) -> torch.Tensor:  # fmt: skip
     """`x @ W.T` for an NVFP4 weight. `out_dtype=torch.float32` keeps the fp32 accumulator
-    (for checking against fp64)."""
+    (for checking against fp64); `config` = (BM, BN, BK, warps, splits, stages) overrides the tiling."""
     if mode not in ("w4a16", "w4a4"):
         raise ValueError(f"mode must be w4a16 or w4a4, not {mode!r}")
     *lead, K = x.shape
@@ -194,7 +195,7 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     if a.dtype != torch.bfloat16 or not a.is_contiguous():
         a = a.to(torch.bfloat16).contiguous()
     M = a.shape[0]
-    bm, bn, bk, warps, split = _blocks(M, N, K)
+    bm, bn, bk, warps, split, stages = config or (*_blocks(M, N, K), 3)
     per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
     target = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
@@ -206,7 +207,7 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
         a, w.weight, w.weight_scale, target, scalars,
         M, N, K, per_split, a.stride(0), out.stride(0),
         W4A4=mode == "w4a4", APPROX=not interpreting(), DOT_FP32=interpreting(),
-        BM=bm, BN=bn, BK=bk, SPLIT=split, num_warps=warps,
+        BM=bm, BN=bn, BK=bk, SPLIT=split, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split > 1:
         block = 1024
