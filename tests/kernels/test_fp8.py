@@ -18,7 +18,8 @@ def test_fp8_linear_equals_its_definition(device):
     out = fp8_linear(x.to(device), p["weight"].to(device), p["weight_scale"], isc, out_dtype=torch.float32)
     xq = quantize_input_fp8(x, isc).double() * float(isc)
     ref = xq @ (p["weight"].double() * float(p["weight_scale"])).T
-    assert float((out.double().cpu() - ref).norm() / ref.norm()) < 1e-5
+    # Hopper's FP8 MMA accumulates with fewer than fp32's bits (measured 1.3e-4 on an H200 here)
+    assert float((out.double().cpu() - ref).norm() / ref.norm()) < (5e-4 if device == "cuda" else 1e-5)
     # and it approximates the BF16 layer
     bf = x.double() @ w.double().T
     assert float((out.double().cpu() - bf).norm() / bf.norm()) < 0.08
