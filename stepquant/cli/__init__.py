@@ -33,9 +33,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import check, convert, demo, inspect
+    from . import bench, check, convert, demo, inspect
 
-    for mod in (inspect, convert, check, demo):
+    for mod in (inspect, convert, check, demo, bench):
         main.add_command(mod.command)
 
 

@@ -1,0 +1,136 @@
+"""`stepquant bench kernels`: the device's copy bandwidth, then NVFP4 linear (w4a16, w4a4) against torch
+BF16 at Step-3.7 shapes, and the NVFP4 weight-quantization kernel against the copy bandwidth.
+
+Timings are medians of CUDA-graph replays (`triton.testing.do_bench`), so launch gaps shrink alike for
+every variant. Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import StepquantError
+
+SHAPE_SETS: dict[str, dict[str, tuple[int, int]]] = {
+    # name: (N, K) of the weight
+    "step3p7": {
+        "attn q (full) 8192x4096": (8192, 4096),
+        "attn k/v 1024x4096": (1024, 4096),
+        "attn o 4096x8192": (4096, 8192),
+        "dense up 11264x4096": (11264, 4096),
+        "dense down 4096x11264": (4096, 11264),
+        "expert gate 1280x4096": (1280, 4096),
+        "expert down 4096x1280": (4096, 1280),
+    },
+    "small": {"expert gate 1280x4096": (1280, 4096)},
+}
+MS = (1, 8, 16, 64, 256, 2048)
+
+
+def _cuda() -> None:
+    if not torch.cuda.is_available():
+        raise StepquantError("stepquant bench needs a CUDA device")
+
+
+def copy_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy: bytes read + written per second (the practical HBM ceiling)."""
+    import triton
+
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def graph_time(fn, reps: int = 20) -> float:
+    """Median ms of one call, from CUDA-graph replays of `reps` calls."""
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median") / reps
+
+
+def nvfp4_layer(n: int, k: int, seed: int = 0):
+    """A random BF16 weight [n, k] on the GPU and its NVFP4 parts."""
+    from .formats import FORMATS
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    return w, FORMATS["nvfp4"].quantize(w, w.float().abs().amax())
+
+
+def bench_linear(shapes: str = "step3p7", ms: tuple[int, ...] = MS, bandwidth: float | None = None) -> list[dict]:
+    """Per shape and M: torch BF16, w4a16 and w4a4 times, GB/s, % of copy bandwidth, TFLOP/s."""
+    from .formats import FORMATS
+    from .kernels.linear import NVFP4Weight, nvfp4_linear
+
+    _cuda()
+    if shapes not in SHAPE_SETS:
+        raise StepquantError(f"unknown shape set {shapes!r} (choose from {', '.join(SHAPE_SETS)})")
+    bw = bandwidth or copy_bandwidth()
+    rows = []
+    for name, (n, k) in SHAPE_SETS[shapes].items():
+        w, p = nvfp4_layer(n, k)
+        wbytes = n * k // 2 + n * k // 16
+        for m in ms:
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            lin = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"],
+                                         FORMATS["nvfp4"].input_scale(x.float().abs().amax()))  # fmt: skip
+            t = {"bf16": graph_time(lambda: x @ w.T)}
+            for mode in ("w4a16", "w4a4"):
+                t[mode] = graph_time(lambda: nvfp4_linear(x, lin, mode))
+            moved = wbytes + 2 * m * k + 2 * m * n
+            for mode in ("w4a16", "w4a4"):
+                rows.append({"shape": name, "M": m, "mode": mode, "ms": t[mode], "bf16_ms": t["bf16"],
+                             "speedup_vs_bf16": t["bf16"] / t[mode], "gb_s": moved / (t[mode] * 1e-3) / 1e9,
+                             "pct_copy": 100 * moved / (t[mode] * 1e-3) / bw,
+                             "tflops": 2 * m * n * k / (t[mode] * 1e-3) / 1e12})  # fmt: skip
+    return rows
+
+
+def bench_quantize(experts: int = 64, bandwidth: float | None = None) -> dict:
+    """The NVFP4 weight-quantization kernel on `experts` Step experts (1280x4096), against the copy bandwidth."""
+    import triton
+
+    from .kernels.quantize import nvfp4_quantize
+
+    _cuda()
+    bw = bandwidth or copy_bandwidth()
+    w = (torch.randn(experts, 1280, 4096, device="cuda") * 0.02).to(torch.bfloat16)
+    ws2 = (w.float().abs().amax(dim=(1, 2)) / 2688.0).contiguous()
+    ms = triton.testing.do_bench(lambda: nvfp4_quantize(w, ws2), warmup=25, rep=200, return_mode="median")
+    moved = w.numel() * (2 + 0.5 + 1 / 16)
+    return {"experts": experts, "ms": ms, "tb_s": moved / (ms * 1e-3) / 1e12, "pct_copy": 100 * moved / (ms * 1e-3) / bw}
+
+
+def bench_kernels(shapes: str = "step3p7") -> dict:
+    """Everything `stepquant bench kernels` prints, as one JSON-ready dict."""
+    _cuda()
+    bw = copy_bandwidth()
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "copy_tb_s": bw / 1e12,
+        "quantize": bench_quantize(bandwidth=bw),
+        "linear": bench_linear(shapes, bandwidth=bw),
+    }
+
+
+def format_kernels(r: dict) -> str:
+    q = r["quantize"]
+    lines = [
+        f"{r['device']}: copy bandwidth {r['copy_tb_s']:.2f} TB/s (read + written)",
+        f"NVFP4 weight quantization, {q['experts']} Step experts: {q['ms']:.3f} ms, {q['tb_s']:.2f} TB/s,"
+        f" {q['pct_copy']:.0f}% of copy",
+        "",
+        "| shape | M | mode | ms | torch bf16 ms | x bf16 | GB/s | % of copy | TFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for x in r["linear"]:
+        lines.append(f"| {x['shape']} | {x['M']} | {x['mode']} | {x['ms']:.4f} | {x['bf16_ms']:.4f} | "
+                     f"{x['speedup_vs_bf16']:.2f} | {x['gb_s']:.0f} | {x['pct_copy']:.0f}% | {x['tflops']:.1f} |")  # fmt: skip
+    return "\n".join(lines)
