@@ -201,7 +201,7 @@ def _exclude_list(prep: Prepared) -> list[str]:
 
 def quant_config(prep: Prepared) -> tuple[dict | None, dict | None]:
     """(`hf_quant_config.json`, `config.json["quantization_config"]`) for the output, SPEC §5."""
-    plan, recipe = prep.plan, prep.recipe
+    plan = prep.plan
     producer = {"name": "stepquant", "version": __version__}
     units = [*plan.linears, *plan.experts]
     fmts = {u.fmt_out.name for u in units if u.fmt_out is not None and u.fmt_out.quant_algo}

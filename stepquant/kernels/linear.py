@@ -24,18 +24,6 @@ from .quantize import _e2m1, _e4m3_rne
 
 
 @triton.jit
-def _e2m1_value(code):
-    """fp32 value of an E2M1 code (uint8, sign in bit 3)."""
-    c = code.to(tl.int32)
-    mag = c & 7
-    e = mag >> 1
-    m = (mag & 1).to(tl.float32)
-    scale = ((e + 125) << 23).to(tl.float32, bitcast=True)  # 2^(e-2)
-    v = tl.where(e == 0, m * 0.5, (2.0 + m) * scale)
-    return tl.where((c & 8) != 0, -v, v)
-
-
-@triton.jit
 def _e4m3_value(bits):
     """fp32 value of E4M3 bits (uint8); block scales are never negative or NaN."""
     b = bits.to(tl.int32)

@@ -1,7 +1,6 @@
 """The real `stepquant convert` command: bad inputs, SIGKILL + --resume, refusals."""
 
 import json
-import os
 import signal
 
 import pytest
