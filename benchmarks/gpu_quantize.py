@@ -14,16 +14,9 @@ from pathlib import Path
 import torch
 import triton
 
+from stepquant.bench import copy_bandwidth
 from stepquant.formats import FORMATS
 from stepquant.kernels import quantize as kq
-
-
-def copy_bandwidth(nbytes: int = 4 << 30) -> float:
-    """Device-to-device copy, bytes read + written per second (the practical HBM ceiling)."""
-    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
-    return 2 * nbytes / (ms * 1e-3)
 
 
 def experts(e: int, i: int = 1280, h: int = 4096, seed: int = 0) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .families import GENERIC, detect_family
-from .naming import builtin_map, detect_naming
+from .naming import builtin_map, canonical_names
 from .plan import FUSION, Experts, Linear, build_plan, role_of
 from .quantize import Executor
 from .recipes import Recipe
@@ -41,15 +41,10 @@ def check_checkpoint(path: str | Path, engines: tuple[str, ...] = ENGINES, ref: 
     """Lint the checkpoint at `path`; with `ref`, also compare its dequantized weights with the source."""
     rep = Report()
     with open_checkpoint(path) as ckpt:
-        family = detect_family(ckpt.config) or GENERIC
-        names = list(ckpt.tensors)
-        naming = detect_naming(names)
-        to_canon = builtin_map(naming, "step-hub") if naming not in (None, "step-hub") else None
+        plan, naming, to_canon = _lint_plan(ckpt)
+        family = plan.family
         out_name = builtin_map("step-hub", naming).apply if to_canon else (lambda n: n)
-        canonical = {(to_canon.apply(n) if to_canon else n): n for n in names}
         num_layers = ckpt.text_config.get(family.num_layers_key)
-        plan = build_plan(ckpt.tensors, canonical, family, num_layers, Recipe())
-        _to_source_names(plan)
         quant = ckpt.quantization()
         excl = list(quant["exclude_modules"] or [])
         _check_configs(ckpt, quant, rep)
@@ -66,6 +61,16 @@ def check_checkpoint(path: str | Path, engines: tuple[str, ...] = ENGINES, ref: 
         if ref is not None:
             _compare_with_ref(ckpt, plan, ref, out_name, rep)
     return rep
+
+
+def _lint_plan(ckpt: Checkpoint):
+    """The checkpoint's plan as it stands (canonical module names, the checkpoint's own tensor names),
+    its naming, and the map to canonical names."""
+    family = detect_family(ckpt.config) or GENERIC
+    naming, to_canon, canonical = canonical_names(list(ckpt.tensors))
+    plan = build_plan(ckpt.tensors, canonical, family, ckpt.text_config.get(family.num_layers_key), Recipe())
+    _to_source_names(plan)
+    return plan, naming, to_canon
 
 
 def _to_source_names(plan) -> None:
@@ -259,13 +264,7 @@ def _check_engines(linears, family, out_name, excl, engines, rep: Report) -> Non
 def _compare_with_ref(ckpt: Checkpoint, plan, ref, out_name, rep: Report) -> None:
     """Dequantize every quantized module and compare it with the source's weight (catches swapped nibbles)."""
     with open_checkpoint(ref) as src:
-        family = detect_family(src.config) or GENERIC
-        names = list(src.tensors)
-        naming = detect_naming(names)
-        to_canon = builtin_map(naming, "step-hub") if naming not in (None, "step-hub") else None
-        canonical = {(to_canon.apply(n) if to_canon else n): n for n in names}
-        src_plan = build_plan(src.tensors, canonical, family, src.text_config.get(family.num_layers_key), Recipe())
-        _to_source_names(src_plan)
+        src_plan = _lint_plan(src)[0]
         src_ex = Executor(src, src_plan, None, "shared")
         ours = Executor(ckpt, plan, None, "shared")
         src_lin = {lin.module: lin for lin in src_plan.linears}

@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .errors import StepquantError
 from .families import GENERIC, detect_family
 from .formats import get_format
-from .naming import PrefixMap, builtin_map, detect_naming, load_user_map, rename_all
+from .naming import PrefixMap, builtin_map, canonical_names, load_user_map, rename_all
 from .plan import Plan, build_plan
 from .quantize import Activations, Executor
 from .recipes import Recipe, load_recipe
@@ -77,10 +77,7 @@ class Prepared:
 def prepare(ckpt: Checkpoint, opts: ConvertOptions) -> Prepared:
     recipe = opts.resolve_recipe()
     family = detect_family(ckpt.config) or GENERIC
-    names = list(ckpt.tensors)
-    src_naming = detect_naming(names)
-    to_canon = builtin_map(src_naming, CANONICAL) if src_naming not in (None, CANONICAL) else None
-    canonical = {(to_canon.apply(n) if to_canon else n): n for n in names}
+    src_naming, to_canon, canonical = canonical_names(list(ckpt.tensors), CANONICAL)
     if opts.naming_map:
         out_map = load_user_map(opts.naming_map)
         if to_canon:  # a user map is written against the source's names

@@ -110,6 +110,13 @@ def _parses(table: PrefixMap, name: str) -> bool:
     return any(probe.startswith(k) for k in table.pairs)
 
 
+def canonical_names(names: list[str], canonical: str = "step-hub") -> tuple[str | None, PrefixMap | None, dict[str, str]]:
+    """(detected naming, map source -> canonical or None when already canonical/unknown, canonical -> source)."""
+    naming = detect_naming(names)
+    to_canon = builtin_map(naming, canonical) if naming not in (None, canonical) else None
+    return naming, to_canon, {(to_canon.apply(n) if to_canon else n): n for n in names}
+
+
 def rename_all(names: list[str], mapping: PrefixMap) -> dict[str, str]:
     """old -> new for every name; a map that sends two names to one is an error."""
     out: dict[str, str] = {}

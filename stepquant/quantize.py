@@ -71,17 +71,13 @@ class Executor:
             raise StepquantError(f"tensor '{lin.parts['weight']}': NaN or Inf in the weight")
         return w
 
+    def expert_part(self, ex: Experts, key: str, e: int, suffix: str) -> torch.Tensor:
+        """One expert's `suffix` tensor of projection `key`, in any source layout."""
+        t = self._read_part(ex.parts[key][e][suffix])
+        return t[_rows(ex, key, t.shape[0])] if t.dim() else t
+
     def expert_weight(self, ex: Experts, key: str, e: int) -> torch.Tensor:
-        refs = ex.parts[key][e]
-        parts = {}
-        for s, ref in refs.items():
-            if s == "input_scale":
-                continue
-            t = self._read_part(ref)
-            if ex.layout == "fused" and key in ("gate", "up") and t.dim() >= 1 and t.shape[0] == 2 * ex.shapes[key][0]:
-                half = t.shape[0] // 2
-                t = t[:half] if key == "gate" else t[half:]
-            parts[s] = t
+        parts = {s: self.expert_part(ex, key, e, s) for s in ex.parts[key][e] if s != "input_scale"}
         w = ex.fmt_in.dequantize(parts)
         if not torch.isfinite(w).all():
             raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {key}")
@@ -119,9 +115,11 @@ class Executor:
 
     def quantize_linear(self, lin: Linear) -> dict[str, torch.Tensor]:
         fmt = lin.fmt_out
+        w = self.linear_weight(lin)
+        self._amax.setdefault(lin.module, w.float().abs().amax())  # its group's members need it too
         group = self._group(lin) if fmt.shares_fusion_amax else [lin]
         amax = torch.stack([self.weight_amax(g.module) for g in group]).amax()
-        out = {s: t.cpu() for s, t in fmt.quantize(self.linear_weight(lin).to(self.device), amax).items()}
+        out = {s: t.cpu() for s, t in fmt.quantize(w.to(self.device), amax).items()}
         if fmt.calibrated:
             out["input_scale"] = fmt.input_scale(self._input_amax([g.module for g in self._group(lin)]))
         return _checked(out, lin.module)
@@ -233,8 +231,8 @@ class Executor:
         name, idx = ex.parts[key][0][suffix]
         t = self.ckpt.tensors[self._src(name)]
         shape = t.shape[1:] if idx is not None else t.shape
-        if ex.layout == "fused" and key in ("gate", "up") and shape and shape[0] == 2 * ex.shapes[key][0]:
-            shape = (shape[0] // 2, *shape[1:])
+        if shape:
+            shape = (len(range(shape[0])[_rows(ex, key, shape[0])]), *shape[1:])
         return t.dtype, tuple(shape)
 
     def _expert_chunks(self, ex: Experts, key: str, suffix: str, experts) -> Callable[[], Iterator[bytes]]:
@@ -245,11 +243,7 @@ class Executor:
                     yield _bytes(full[e])
                 return
             for e in experts:  # relayout only: bytes of one expert at a time
-                t = self._read_part(ex.parts[key][e][suffix])
-                if ex.layout == "fused" and key in ("gate", "up") and t.dim() and t.shape[0] == 2 * ex.shapes[key][0]:
-                    half = t.shape[0] // 2
-                    t = t[:half] if key == "gate" else t[half:]
-                yield _bytes(t)
+                yield _bytes(self.expert_part(ex, key, e, suffix))
 
         return chunks
 
@@ -268,6 +262,14 @@ class Executor:
 
             outs.append(OutTensor(name, dt, (ex.num, rows, *shp[1:]), ex.num * len(keys) * _nbytes(dt, shp), chunks))
         return outs
+
+
+def _rows(ex: Experts, key: str, rows: int) -> slice:
+    """Which rows of a source tensor belong to projection `key`: fused `gate_up_proj` holds the gate's
+    rows, then the up's; every other tensor is the projection's own."""
+    if ex.layout == "fused" and key in ("gate", "up") and rows == 2 * ex.shapes[key][0]:
+        return slice(0, rows // 2) if key == "gate" else slice(rows // 2, rows)
+    return slice(None)
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
