@@ -1,11 +1,15 @@
 """`stepquant bench kernels`: the device's copy bandwidth, then NVFP4 linear (w4a16, w4a4) against torch
-BF16 at Step-3.7 shapes, and the NVFP4 weight-quantization kernel against the copy bandwidth.
+BF16 at Step-3.7 shapes, the fused MoE, and the NVFP4 weight-quantization kernel against the copy
+bandwidth.
 
 Timings are medians of CUDA-graph replays (`triton.testing.do_bench`), so launch gaps shrink alike for
 every variant. Needs a CUDA device.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -108,6 +112,54 @@ def bench_quantize(experts: int = 64, bandwidth: float | None = None) -> dict:
     return {"experts": experts, "ms": ms, "tb_s": moved / (ms * 1e-3) / 1e12, "pct_copy": 100 * moved / (ms * 1e-3) / bw}
 
 
+MOE_TOKENS = (1, 8, 16, 64, 256, 2048, 4096)
+
+
+def step_moe_layer(experts: int = 288, hidden: int = 4096, inter: int = 1280, seed: int = 0, with_bf16: bool = True):
+    """A random Step-3.7 MoE layer on the GPU as NVFP4 (gate_up, down) and BF16 (gate_up, down) experts."""
+    from .kernels.moe import Experts
+    from .kernels.quantize import nvfp4_quantize
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    nv, bf = [], []
+    for n, k in ((2 * inter, hidden), (hidden, inter)):
+        w = (torch.randn(experts, n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+        ws2 = (w.float().abs().amax(dim=(1, 2)) / 2688.0).contiguous()  # gate and up share it
+        q, sf = nvfp4_quantize(w, ws2)
+        nv.append(Experts.nvfp4(q, sf, ws2, torch.tensor(0.5 / 2688.0)))
+        bf.append(Experts.bf16(w) if with_bf16 else None)
+        del w
+    return nv, bf
+
+
+def bench_moe(tokens: tuple[int, ...] = MOE_TOKENS, topk: int = 8, bandwidth: float | None = None,
+              experts: int = 288) -> list[dict]:  # fmt: skip
+    """Fused MoE (Step-3.7: 288 experts, top-8, H 4096, I 1280) per token count: BF16 experts, w4a16 and
+    w4a4 times, and the % of the copy bandwidth that the bytes of the experts actually touched need."""
+    from .kernels.moe import fused_moe
+
+    _cuda()
+    bw = bandwidth or copy_bandwidth()
+    (gu, dn), (gu16, dn16) = step_moe_layer(experts)
+    _, two_i, hidden = gu.shape
+    per_expert = (two_i * hidden + hidden * two_i // 2) * (0.5 + 1 / 16)
+    rows = []
+    for t in tokens:
+        gen = torch.Generator(device="cuda").manual_seed(t)
+        x = torch.randn(t, hidden, device="cuda", generator=gen).to(torch.bfloat16)
+        w, ids = torch.rand(t, experts, device="cuda", generator=gen).topk(topk, -1)
+        touched = int(ids.unique().numel())
+        moved = touched * per_expert + 2 * t * hidden * 2
+        times = {"bf16": graph_time(lambda: fused_moe(x, ids, w, gu16, dn16, "bf16"), reps=5)}
+        for mode in ("w4a16", "w4a4"):
+            times[mode] = graph_time(lambda: fused_moe(x, ids, w, gu, dn, mode), reps=5)
+        for mode in ("w4a16", "w4a4"):
+            rows.append({"tokens": t, "experts_touched": touched, "mode": mode, "ms": times[mode],
+                         "bf16_ms": times["bf16"], "pct_roofline": 100 * moved / (times[mode] * 1e-3) / bw,
+                         "tflops": 2 * t * topk * per_expert / (0.5 + 1 / 16) / (times[mode] * 1e-3) / 1e12})  # fmt: skip
+    return rows
+
+
 def bench_kernels(shapes: str = "step3p7") -> dict:
     """Everything `stepquant bench kernels` prints, as one JSON-ready dict."""
     _cuda()
@@ -117,7 +169,54 @@ def bench_kernels(shapes: str = "step3p7") -> dict:
         "copy_tb_s": bw / 1e12,
         "quantize": bench_quantize(bandwidth=bw),
         "linear": bench_linear(shapes, bandwidth=bw),
+        "moe": bench_moe(bandwidth=bw, experts=288 if shapes == "step3p7" else 32),
     }
+
+
+def bench_convert(workdir: str | Path, layers: int = 1, devices: tuple[str, ...] = ("cuda", "cpu"),
+                  echo=print, shape=None) -> dict:  # fmt: skip
+    """End-to-end conversion of a generated Step-3.7-shaped checkpoint (`layers` full-width MoE layers,
+    ~9.3 GB each) on each device: the NVFP4 weight path of the release recipe (routed experts, stacked,
+    ModelOpt naming) without calibration, timed from a warm page cache; outputs compared byte for byte.
+    `shape` (a `StepShape`) replaces the full-width one, for tests."""
+    import hashlib
+    import json
+    import time
+
+    from .convert import ConvertOptions, convert
+    from .synthetic import StepShape, generate
+
+    if "cuda" in devices:
+        _cuda()
+    work = Path(workdir)
+    src, shape = work / "src", shape or StepShape(layers=layers)
+    meta = src / "synthetic.json"
+    if not (meta.is_file() and json.loads(meta.read_text()) == asdict(shape)):
+        echo(f"generating a {shape.layers}-layer Step-3.7-shaped checkpoint in {src}")
+        generate(src, shape)
+    shards = sorted(src.glob("*.safetensors"))
+    nbytes = sum(p.stat().st_size for p in shards)
+    for p in shards:  # into the page cache
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+    result: dict = {"source_bytes": nbytes, "shape": asdict(shape), "runs": {}}
+    digests = {}
+    for dev in devices:
+        out = work / f"out-{dev}"
+        opts = ConvertOptions(recipe="step3p7-nvfp4-moe-only-kvfp8", to="w4a16-nvfp4", kv_cache="none",
+                              device=dev, overwrite=True)  # fmt: skip
+        t0 = time.perf_counter()
+        convert(src, out, opts)
+        sec = time.perf_counter() - t0
+        digests[dev] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.safetensors"))}
+        result["runs"][dev] = {"seconds": sec, "gb_s": nbytes / sec / 1e9}
+        echo(f"{dev}: {sec:.1f} s, {nbytes / sec / 1e9:.2f} GB/s of BF16 input")
+    if len(digests) > 1:
+        result["identical"] = len({json.dumps(d, sort_keys=True) for d in digests.values()}) == 1
+    if "cuda" in result["runs"] and "cpu" in result["runs"]:
+        result["speedup"] = result["runs"]["cpu"]["seconds"] / result["runs"]["cuda"]["seconds"]
+    return result
 
 
 def format_kernels(r: dict) -> str:
@@ -133,4 +232,10 @@ def format_kernels(r: dict) -> str:
     for x in r["linear"]:
         lines.append(f"| {x['shape']} | {x['M']} | {x['mode']} | {x['ms']:.4f} | {x['bf16_ms']:.4f} | "
                      f"{x['speedup_vs_bf16']:.2f} | {x['gb_s']:.0f} | {x['pct_copy']:.0f}% | {x['tflops']:.1f} |")  # fmt: skip
+    lines += ["", "Fused MoE (288 experts, top-8, H 4096, I 1280); roofline = bytes of the experts touched",
+              "", "| tokens | experts touched | mode | ms | BF16 experts ms | % roofline | TFLOP/s |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for x in r["moe"]:
+        lines.append(f"| {x['tokens']} | {x['experts_touched']} | {x['mode']} | {x['ms']:.4f} | {x['bf16_ms']:.4f} | "
+                     f"{x['pct_roofline']:.0f}% | {x['tflops']:.1f} |")  # fmt: skip
     return "\n".join(lines)

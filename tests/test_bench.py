@@ -21,3 +21,17 @@ def test_bench_kernels_reports_every_shape():
     assert {(x["shape"], x["M"], x["mode"]) for x in rows} == {
         (s, m, mode) for s in SHAPE_SETS["small"] for m in (1, 16) for mode in ("w4a16", "w4a4")
     }
+
+
+def test_bench_convert_generates_once_and_times_each_device(tmp_path):
+    from stepquant.bench import bench_convert
+    from tests.test_synthetic import TINY
+
+    lines = []
+    r = bench_convert(tmp_path, devices=("cpu",), echo=lines.append, shape=TINY)
+    assert r["source_bytes"] > 0 and r["runs"]["cpu"]["gb_s"] > 0 and r["shape"]["layers"] == 2
+    assert (tmp_path / "out-cpu" / "stepquant.json").is_file()
+    assert any("generating" in x for x in lines)
+    lines.clear()
+    bench_convert(tmp_path, devices=("cpu",), echo=lines.append, shape=TINY)
+    assert not any("generating" in x for x in lines)  # the source is reused

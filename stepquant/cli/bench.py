@@ -1,4 +1,4 @@
-"""`stepquant bench kernels`."""
+"""`stepquant bench kernels` and `stepquant bench convert`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..bench import SHAPE_SETS, bench_kernels, format_kernels
+from ..bench import SHAPE_SETS, bench_convert, bench_kernels, format_kernels
 
 
 @click.group("bench")
@@ -21,3 +21,14 @@ def kernels(shapes: str, as_json: bool) -> None:
     """Copy bandwidth, NVFP4 quantization kernel, and NVFP4 linear vs torch BF16."""
     result = bench_kernels(shapes)
     click.echo(json.dumps(result, indent=2) if as_json else format_kernels(result))
+
+
+@command.command("convert")
+@click.option("--workdir", type=click.Path(file_okay=False), required=True,
+              help="Where the generated checkpoint (kept and reused) and the outputs go.")  # fmt: skip
+@click.option("--layers", type=click.IntRange(1), default=1, show_default=True, help="Full-width MoE layers (~9.3 GB each).")
+@click.option("--devices", default="cuda,cpu", show_default=True, help="Comma-separated devices to convert on.")
+def convert_cmd(workdir: str, layers: int, devices: str) -> None:
+    """End-to-end NVFP4 conversion GB/s of a generated Step-3.7-shaped checkpoint, GPU and CPU."""
+    result = bench_convert(workdir, layers, tuple(d.strip() for d in devices.split(",") if d.strip()), echo=click.echo)
+    click.echo(json.dumps(result, indent=2))

@@ -43,14 +43,12 @@ def _rcp(x, APPROX: tl.constexpr):
 
 
 @triton.jit
-def _quantize_act_block(x, gs, rcp_gs, BM: tl.constexpr, BK: tl.constexpr, APPROX: tl.constexpr):
-    """Blackwell's NVFP4 activation quantization of an [BM, BK] fp32 tile: (codes, E4M3 scale values)."""
-    x3 = tl.reshape(x, (BM, BK // 16, 16))
-    vmax = tl.max(tl.abs(x3), axis=2)
+def _act_scales(vmax, gs, rcp_gs, APPROX: tl.constexpr):
+    """Blackwell's per-16-block activation scales from the block maxima: (E4M3 bits, E4M3 value, the
+    multiplier that takes the block to E2M1 range; 0 for an all-zero block)."""
     sf_bits, sf = _e4m3_rne(tl.minimum(gs * (vmax * _rcp(6.0, APPROX)), 448.0))
     out_scale = tl.where(vmax != 0.0, _rcp(tl.where(vmax != 0.0, sf * rcp_gs, 1.0), APPROX), 0.0)
-    codes = _e2m1(x3 * out_scale[:, :, None])
-    return tl.reshape(codes, (BM, BK)), sf_bits, sf
+    return sf_bits, sf, out_scale
 
 
 @triton.jit
@@ -60,6 +58,66 @@ def _fp4_bits_to_f32(code):
     c = code.to(tl.uint16)
     half = ((c & 7) << 9) | ((c & 8) << 12)
     return half.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _w_tile(w_ptr, sf_ptr, rows, rmask, k0, K, WFMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Even and odd K columns ([BN, BK/2] each, fp32) of a row-major weight tile: NVFP4 (WFMT 0) as exact
+    `code x block scale` values, BF16 (1) and FP8 bits (2) as stored."""
+    HK: tl.constexpr = BK // 2
+    if WFMT == 0:
+        rkh = k0 // 2 + tl.arange(0, HK)  # byte (= column pair) index
+        packed = tl.load(w_ptr + rows[:, None] * (K // 2) + rkh[None, :], mask=rmask[:, None] & (rkh[None, :] < K // 2), other=0)
+        rks = k0 // 16 + tl.arange(0, BK // 16)
+        sfw = _e4m3_value(tl.load(sf_ptr + rows[:, None] * (K // 16) + rks[None, :],
+                                  mask=rmask[:, None] & (rks[None, :] < K // 16), other=0)) * 16384.0  # fmt: skip
+        sfw = tl.reshape(tl.broadcast_to(sfw[:, :, None], (BN, BK // 16, 8)), (BN, HK))
+        w_even = _fp4_bits_to_f32(packed & 15) * sfw
+        w_odd = _fp4_bits_to_f32(packed >> 4) * sfw
+    else:
+        rk = k0 + tl.arange(0, BK)
+        w = tl.load(w_ptr + rows[:, None] * K + rk[None, :], mask=rmask[:, None] & (rk[None, :] < K), other=0)
+        if WFMT == 2:
+            wf = _e4m3_value(w & 0x7F)
+            w = tl.where((w & 0x80) != 0, -wf, wf)
+        w_even, w_odd = tl.split(tl.reshape(w.to(tl.float32), (BN, HK, 2)))
+    return w_even, w_odd
+
+
+@triton.jit
+def _a_tile(a_ptr, rows, rmask, stride, k0, K, gs, rcp_gs, isc, AQ: tl.constexpr, APPROX: tl.constexpr,
+            BM: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """Even and odd K columns ([BM, BK/2] each, fp32) of an activation tile, as the MMA sees them: as
+    given (AQ 0), NVFP4-quantized with Blackwell's recipe and dequantized exactly (1), or FP8-quantized
+    with the static scale `isc` (2)."""
+    HK: tl.constexpr = BK // 2
+    rk = k0 + tl.arange(0, BK)
+    a = tl.load(a_ptr + rows[:, None] * stride + rk[None, :], mask=rmask[:, None] & (rk[None, :] < K), other=0.0)
+    a_even, a_odd = tl.split(tl.reshape(a.to(tl.float32), (BM, HK, 2)))
+    if AQ == 1:
+        e3 = tl.reshape(a_even, (BM, BK // 16, 8))
+        o3 = tl.reshape(a_odd, (BM, BK // 16, 8))
+        vmax = tl.maximum(tl.max(tl.abs(e3), axis=2), tl.max(tl.abs(o3), axis=2))
+        _, sfa, out_scale = _act_scales(vmax, gs, rcp_gs, APPROX)
+        sfa16 = sfa * 16384.0
+        a_even = tl.reshape(_fp4_bits_to_f32(_e2m1(e3 * out_scale[:, :, None])) * sfa16[:, :, None], (BM, HK))
+        a_odd = tl.reshape(_fp4_bits_to_f32(_e2m1(o3 * out_scale[:, :, None])) * sfa16[:, :, None], (BM, HK))
+    elif AQ == 2:
+        _, a_even = _e4m3_rne(tl.minimum(tl.maximum(tl.math.div_rn(a_even, isc), -448.0), 448.0))
+        _, a_odd = _e4m3_rne(tl.minimum(tl.maximum(tl.math.div_rn(a_odd, isc), -448.0), 448.0))
+    return a_even, a_odd
+
+
+@triton.jit
+def _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32: tl.constexpr):
+    """acc + a @ w.T over the even and odd columns; operands are exact in BF16."""
+    if DOT_FP32:
+        acc += tl.dot(a_even, tl.trans(w_even), input_precision="ieee")
+        acc += tl.dot(a_odd, tl.trans(w_odd), input_precision="ieee")
+    else:
+        acc += tl.dot(a_even.to(tl.bfloat16), tl.trans(w_even.to(tl.bfloat16)))
+        acc += tl.dot(a_odd.to(tl.bfloat16), tl.trans(w_odd.to(tl.bfloat16)))
+    return acc
 
 
 @triton.jit
@@ -79,7 +137,6 @@ def _nvfp4_linear_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    HK: tl.constexpr = BK // 2
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     alpha = tl.load(scalars_ptr)  # ws2 (w4a16) or input_scale * ws2 (w4a4)
@@ -87,33 +144,9 @@ def _nvfp4_linear_kernel(
     rcp_gs = _rcp(gs, APPROX)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(pid_k * K_PER_SPLIT, tl.minimum((pid_k + 1) * K_PER_SPLIT, K), BK):
-        rkh = k0 // 2 + tl.arange(0, HK)  # byte (= column pair) index
-        rk = k0 + tl.arange(0, BK)
-        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        a_even, a_odd = tl.split(tl.reshape(a.to(tl.float32), (BM, HK, 2)))
-        wmask = (rn[:, None] < N) & (rkh[None, :] < K // 2)
-        packed = tl.load(w_ptr + rn[:, None] * (K // 2) + rkh[None, :], mask=wmask, other=0)
-        rks = k0 // 16 + tl.arange(0, BK // 16)
-        sfw = _e4m3_value(tl.load(sf_ptr + rn[:, None] * (K // 16) + rks[None, :],
-                                  mask=(rn[:, None] < N) & (rks[None, :] < K // 16), other=0)) * 16384.0  # fmt: skip
-        sfw = tl.reshape(tl.broadcast_to(sfw[:, :, None], (BN, BK // 16, 8)), (BN, HK))
-        w_lo = _fp4_bits_to_f32(packed & 15) * sfw
-        w_hi = _fp4_bits_to_f32(packed >> 4) * sfw
-        if W4A4:
-            e3 = tl.reshape(a_even, (BM, BK // 16, 8))
-            o3 = tl.reshape(a_odd, (BM, BK // 16, 8))
-            vmax = tl.maximum(tl.max(tl.abs(e3), axis=2), tl.max(tl.abs(o3), axis=2))
-            _, sfa = _e4m3_rne(tl.minimum(gs * (vmax * _rcp(6.0, APPROX)), 448.0))
-            out_scale = tl.where(vmax != 0.0, _rcp(tl.where(vmax != 0.0, sfa * rcp_gs, 1.0), APPROX), 0.0)
-            sfa16 = sfa * 16384.0
-            a_even = tl.reshape(_fp4_bits_to_f32(_e2m1(e3 * out_scale[:, :, None])) * sfa16[:, :, None], (BM, HK))
-            a_odd = tl.reshape(_fp4_bits_to_f32(_e2m1(o3 * out_scale[:, :, None])) * sfa16[:, :, None], (BM, HK))
-        if DOT_FP32:
-            acc += tl.dot(a_even, tl.trans(w_lo), input_precision="ieee")
-            acc += tl.dot(a_odd, tl.trans(w_hi), input_precision="ieee")
-        else:
-            acc += tl.dot(a_even.to(tl.bfloat16), tl.trans(w_lo.to(tl.bfloat16)))
-            acc += tl.dot(a_odd.to(tl.bfloat16), tl.trans(w_hi.to(tl.bfloat16)))
+        a_even, a_odd = _a_tile(a_ptr, rm, rm < M, stride_am, k0, K, gs, rcp_gs, 1.0, 1 if W4A4 else 0, APPROX, BM, BK)
+        w_even, w_odd = _w_tile(w_ptr, sf_ptr, rn, rn < N, k0, K, 0, BN, BK)
+        acc = _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32)
     omask = (rm[:, None] < M) & (rn[None, :] < N)
     if SPLIT == 1:
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], (acc * alpha).to(out_ptr.dtype.element_ty), mask=omask)
@@ -210,7 +243,9 @@ def _act_quant_kernel(x_ptr, q_ptr, sf_ptr, scalars_ptr, M, K, APPROX: tl.conste
     mask = (rm[:, None] < M) & (rk[None, :] < K)
     x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
     gs = tl.load(scalars_ptr + 1)
-    codes, sf_bits, _ = _quantize_act_block(x, gs, _rcp(gs, APPROX), BM, BK, APPROX)
+    x3 = tl.reshape(x, (BM, BK // 16, 16))
+    sf_bits, _, out_scale = _act_scales(tl.max(tl.abs(x3), axis=2), gs, _rcp(gs, APPROX), APPROX)
+    codes = _e2m1(x3 * out_scale[:, :, None])
     lo, hi = tl.split(tl.reshape(codes, (BM, BK // 2, 2)))
     rkh = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
     tl.store(q_ptr + rm[:, None] * (K // 2) + rkh[None, :], lo | (hi << 4), mask=(rm[:, None] < M) & (rkh[None, :] < K // 2))

@@ -1,0 +1,236 @@
+"""Fused MoE over stacked experts (SPEC §9): tokens sorted by expert, one grouped GEMM for gate_up with
+the SwiGLU (Step clamp optional) in its epilogue, one for down with the routing weight, then the combine.
+
+Experts are NVFP4 (`w4a16`: BF16 activations; `w4a4`: activations quantized with Blackwell's recipe, the
+SwiGLU output re-quantized with the down input scale), FP8 (static per-tensor activations, W8A8 emulated
+exactly on the BF16 MMA) or BF16. One activation scale per projection and layer: the max over experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+from .quantize import _bf16_rne
+from .linear import _a_tile, _mma, _rcp, _w_tile, dequantize_nvfp4, quantize_activations_reference
+
+WFMTS = {"nvfp4": 0, "bf16": 1, "fp8": 2}
+
+
+@dataclass
+class Experts:
+    """One stacked projection of a layer's experts on the device: weight [E, N, K] (NVFP4 packed
+    [E, N, K/2] with E4M3 scales [E, N, K/16]; FP8 as uint8 bits), and per-expert fp32 scalars
+    [E, 4] = (weight scale, input_scale x weight scale, 1 / input_scale, input_scale)."""
+
+    fmt: str
+    weight: torch.Tensor
+    weight_scale: torch.Tensor | None
+    scalars: torch.Tensor
+
+    @classmethod
+    def nvfp4(cls, weight, weight_scale, weight_scale_2, input_scale=None) -> Experts:
+        return cls("nvfp4", weight.contiguous(), weight_scale.contiguous().view(torch.uint8),
+                   _scalars(weight_scale_2, input_scale, weight.shape[0], weight.device))  # fmt: skip
+
+    @classmethod
+    def fp8(cls, weight, weight_scale, input_scale) -> Experts:
+        return cls("fp8", weight.contiguous().view(torch.uint8), None,
+                   _scalars(weight_scale, input_scale, weight.shape[0], weight.device))  # fmt: skip
+
+    @classmethod
+    def bf16(cls, weight) -> Experts:
+        w = weight.to(torch.bfloat16).contiguous()
+        return cls("bf16", w, None, _scalars(torch.ones(w.shape[0]), None, w.shape[0], w.device))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        e, n, k = self.weight.shape
+        return e, n, (k * 2 if self.fmt == "nvfp4" else k)
+
+    def dequantize(self, e: int) -> torch.Tensor:
+        """Expert e's fp64 [N, K] weight values times its weight scale (plain torch, for the reference)."""
+        s = self.scalars[e, 0].double()
+        if self.fmt == "nvfp4":
+            return dequantize_nvfp4(self.weight[e], self.weight_scale[e].view(torch.float8_e4m3fn), 1.0) * s
+        if self.fmt == "fp8":
+            return self.weight[e].view(torch.float8_e4m3fn).double() * s
+        return self.weight[e].double()
+
+
+def _scalars(weight_scale, input_scale, n_experts: int, device) -> torch.Tensor:
+    ws = torch.as_tensor(weight_scale).detach().float().cpu().reshape(-1).expand(n_experts)
+    isc = (torch.as_tensor(input_scale).detach().float().cpu().max() if input_scale is not None
+           else torch.tensor(float("nan")))  # fmt: skip
+    one = torch.ones(n_experts)
+    return torch.stack([ws, isc * ws, one / isc, one * isc], 1).contiguous().to(device)  # divided on the CPU
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, ids_ptr, block_expert_ptr, topk_w_ptr,
+    N, K, stride_a, TOPK, limit,
+    GATHER: tl.constexpr, GLU: tl.constexpr, HAS_LIMIT: tl.constexpr, WEIGHTED: tl.constexpr,
+    WFMT: tl.constexpr, AQ: tl.constexpr, APPROX: tl.constexpr, DOT_FP32: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """One [BM, BN] tile of one expert's rows. Row r of the block is routed pair `ids[r]` = t*TOPK + j
+    (-1: padding); its activation row is t (GATHER) or the pair itself, its output row the pair.
+    With GLU the weight has 2N rows (gate, then up) and the tile is SwiGLU(gate, up)."""
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_b)
+    if e < 0:
+        return
+    ids = tl.load(ids_ptr + pid_b * BM + tl.arange(0, BM))
+    valid = ids >= 0
+    rows = ids // TOPK if GATHER else ids
+    rn = pid_n * BN + tl.arange(0, BN)
+    NW = 2 * N if GLU else N
+    e64 = e.to(tl.int64)
+    if WFMT == 0:
+        w_e = w_ptr + e64 * NW * (K // 2)
+        sf_e = sf_ptr + e64 * NW * (K // 16)
+    else:
+        w_e = w_ptr + e64 * NW * K
+        sf_e = sf_ptr
+    alpha = tl.load(scalars_ptr + e * 4 + (1 if AQ != 0 else 0))
+    gs = tl.load(scalars_ptr + e * 4 + 2)
+    isc = tl.load(scalars_ptr + e * 4 + 3)
+    rcp_gs = _rcp(gs, APPROX)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        a_even, a_odd = _a_tile(a_ptr, rows, valid, stride_a, k0, K, gs, rcp_gs, isc, AQ, APPROX, BM, BK)
+        w_even, w_odd = _w_tile(w_e, sf_e, rn, rn < N, k0, K, WFMT, BN, BK)
+        acc = _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32)
+        if GLU:
+            u_even, u_odd = _w_tile(w_e, sf_e, rn + N, rn < N, k0, K, WFMT, BN, BK)
+            acc_up = _mma(acc_up, a_even, a_odd, u_even, u_odd, DOT_FP32)
+    y = acc * alpha
+    if GLU:
+        up = acc_up * alpha
+        y = y * tl.sigmoid(y)
+        if HAS_LIMIT:
+            y = tl.minimum(y, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        y = _bf16_rne(y * up)  # stored as BF16; rounded on the bits (the interpreter's cast truncates)
+    if WEIGHTED:
+        y = y * tl.load(topk_w_ptr + ids, mask=valid, other=0.0)[:, None]
+    tl.store(out_ptr + ids[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (rn[None, :] < N))
+
+
+def route(topk_ids: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed pairs sorted by expert in blocks of `bm` rows, with no host synchronization: (pair ids
+    [blocks * bm], -1 for padding; expert of each block [blocks], -1 past the last used block)."""
+    flat = topk_ids.reshape(-1).long()
+    tk = flat.numel()
+    counts = torch.bincount(flat, minlength=n_experts)
+    blocks = (counts + bm - 1) // bm
+    block_end = torch.cumsum(blocks, 0)
+    order = torch.argsort(flat, stable=True)
+    expert = flat[order]
+    first = torch.cumsum(counts, 0) - counts
+    pos = (block_end - blocks)[expert] * bm + torch.arange(tk, device=flat.device) - first[expert]
+    max_blocks = triton.cdiv(tk, bm) + min(n_experts, tk)
+    ids = torch.full((max_blocks * bm,), -1, dtype=torch.int32, device=flat.device)
+    ids[pos] = order.to(torch.int32)
+    block_expert = torch.searchsorted(block_end, torch.arange(max_blocks, device=flat.device), right=True)
+    block_expert = torch.where(block_expert < n_experts, block_expert, -1).to(torch.int32)
+    return ids, block_expert
+
+
+def _modes(experts: Experts, mode: str) -> int:
+    """The activation quantization a mode means for these experts (0 none, 1 NVFP4, 2 FP8)."""
+    allowed = {"nvfp4": ("w4a16", "w4a4"), "fp8": ("w8a8",), "bf16": ("bf16",)}[experts.fmt]
+    if mode not in allowed:
+        raise ValueError(f"mode {mode!r} does not apply to {experts.fmt} experts (use one of {allowed})")
+    return {"w4a16": 0, "w4a4": 1, "w8a8": 2, "bf16": 0}[mode]
+
+
+def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: Experts,
+              down: Experts, mode: str, limit: float | None = None, config: tuple[int, int, int, int] | None = None,
+              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
+    """Routed experts of one MoE layer: `sum_j w_j * down_e(SwiGLU(gate_up_e(x)))` for each token's
+    top-k experts `e = topk_ids[t, j]` with weights `topk_weights[t, j]`; `limit` is the Step clamp.
+    gate_up's rows are the gate then the up projection; x [T, H] -> [T, H] (fp32 keeps the combine's
+    sum unrounded, for checking). `config` = (BM, BN, BK, warps) overrides the tiling."""
+    T, H = x.shape
+    E, two_i, _ = gate_up.shape
+    inter = two_i // 2
+    aq1, aq2 = _modes(gate_up, mode), _modes(down, mode)
+    topk = topk_ids.shape[1]
+    bm, bn, bk, warps = config or _moe_blocks(T * topk)
+    ids, block_expert = route(topk_ids, E, bm)
+    a = x.to(torch.bfloat16).contiguous()
+    weights = topk_weights.float().reshape(-1).contiguous()
+    common = dict(APPROX=not interpreting(), DOT_FP32=interpreting(), BM=bm, BN=bn, BK=bk, num_warps=warps)
+    h = torch.empty(T * topk, inter, dtype=torch.bfloat16, device=x.device)
+    sf1 = gate_up.weight_scale if gate_up.weight_scale is not None else gate_up.weight
+    _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(inter, bn))](
+        a, gate_up.weight, sf1, gate_up.scalars, h, ids, block_expert, weights,
+        inter, H, a.stride(0), topk, float(limit or 0.0),
+        GATHER=True, GLU=True, HAS_LIMIT=limit is not None, WEIGHTED=False,
+        WFMT=WFMTS[gate_up.fmt], AQ=aq1, **common,
+    )  # fmt: skip
+    y = torch.empty(T * topk, H, dtype=torch.float32, device=x.device)
+    sf2 = down.weight_scale if down.weight_scale is not None else down.weight
+    _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(H, bn))](
+        h, down.weight, sf2, down.scalars, y, ids, block_expert, weights,
+        H, inter, h.stride(0), topk, 0.0,
+        GATHER=False, GLU=False, HAS_LIMIT=False, WEIGHTED=True,
+        WFMT=WFMTS[down.fmt], AQ=aq2, **common,
+    )  # fmt: skip
+    return y.view(T, topk, H).sum(1).to(out_dtype)
+
+
+def _moe_blocks(pairs: int) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, warps) by the number of routed (token, expert) pairs."""
+    if interpreting():
+        return 16, 16, 32, 4
+    if pairs <= 64:
+        return 16, 64, 128, 4
+    if pairs <= 2048:
+        return 32, 64, 128, 4
+    return 64, 128, 64, 8
+
+
+# -- plain-torch reference --------------------------------------------------------------------------
+def fused_moe_reference(x, topk_ids, topk_weights, gate_up: Experts, down: Experts, mode: str,
+                        limit: float | None = None) -> torch.Tensor:  # fmt: skip
+    """Expert by expert in fp64 on the experts' device, with the kernel's roundings: activations quantized as the
+    mode says (exact reciprocals), the SwiGLU output rounded to BF16 before the down projection."""
+    aq1, aq2 = _modes(gate_up, mode), _modes(down, mode)
+    dev = gate_up.weight.device
+    x = x.to(dev, torch.bfloat16)
+    ids, tw = topk_ids.to(dev).long(), topk_weights.to(dev).double()
+    inter = gate_up.shape[1] // 2
+    out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float64, device=dev)
+    for e in ids.unique().tolist():
+        t, j = (ids == e).nonzero(as_tuple=True)
+        g = _act_reference(x[t], gate_up.scalars[e], aq1) @ gate_up.dequantize(e).T
+        gate, up = g[:, :inter], g[:, inter:]
+        gate = gate * torch.sigmoid(gate)
+        if limit is not None:
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        h = (gate * up).to(torch.bfloat16)
+        y = _act_reference(h, down.scalars[e], aq2) @ down.dequantize(e).T
+        out.index_add_(0, t, y * tw[t, j, None])
+    return out
+
+
+def _act_reference(a: torch.Tensor, scalars: torch.Tensor, aq: int) -> torch.Tensor:
+    """Activations as the MMA sees them (fp64), times the input scale when they were quantized."""
+    isc = float(scalars[3])
+    if aq == 1:
+        q, sf = quantize_activations_reference(a, isc)
+        return dequantize_nvfp4(q, sf, 1.0) * isc
+    if aq == 2:
+        from .fp8 import quantize_input_fp8
+
+        return quantize_input_fp8(a, torch.tensor(isc, device=a.device)).double() * isc
+    return a.double()
