@@ -83,6 +83,11 @@ class Format:
     def quantize(self, w: torch.Tensor, amax: torch.Tensor) -> Parts:
         raise NotImplementedError
 
+    def quantize_stacked(self, w: torch.Tensor, amax: torch.Tensor) -> Parts:
+        """`quantize` of each `w[i]` with `amax[i]`, stacked (formats with a batched kernel override it)."""
+        parts = [self.quantize(w[i], amax[i]) for i in range(w.shape[0])]
+        return {s: torch.stack([p[s] for p in parts]) for s in parts[0]}
+
     def input_scale(self, act_amax: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -199,6 +204,15 @@ class NVFP4(Format):
             "weight_scale": scales.reshape(*w.shape[:-1], -1),
             "weight_scale_2": ws2,
         }
+
+    def quantize_stacked(self, w, amax):
+        if not w.is_cuda:
+            return super().quantize_stacked(w, amax)
+        from .kernels.quantize import nvfp4_quantize
+
+        ws2 = amax.detach().float().cpu() / (E2M1_MAX * E4M3_MAX)  # elementwise, exact as in _cpu_scale
+        packed, sf = nvfp4_quantize(w, ws2)
+        return {"weight": packed, "weight_scale": sf, "weight_scale_2": ws2}
 
     def input_scale(self, act_amax):
         return (act_amax.float() / (E2M1_MAX * E4M3_MAX)).reshape(())

@@ -7,9 +7,11 @@ layer's projection, never the model.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -20,7 +22,9 @@ from .plan import FUSION, Experts, Linear, Plan
 from .shards import OutTensor
 from .stfile import DTYPES, TORCH_TO_ST
 
-CACHE_BYTES = 2 * 1024**3
+CACHE_BYTES = 4 * 1024**3  # holds a layer's gate and up results (quantized together)
+BATCH_BYTES = 256 * 1024**2  # experts quantized per step
+_READERS = ThreadPoolExecutor(8, thread_name_prefix="stepquant-read")  # pread releases the GIL
 
 
 def _bytes(t: torch.Tensor) -> bytes:
@@ -76,10 +80,10 @@ class Executor:
         t = self._read_part(ex.parts[key][e][suffix])
         return t[_rows(ex, key, t.shape[0])] if t.dim() else t
 
-    def expert_weight(self, ex: Experts, key: str, e: int) -> torch.Tensor:
+    def expert_weight(self, ex: Experts, key: str, e: int, check: bool = True) -> torch.Tensor:
         parts = {s: self.expert_part(ex, key, e, s) for s in ex.parts[key][e] if s != "input_scale"}
         w = ex.fmt_in.dequantize(parts)
-        if not torch.isfinite(w).all():
+        if check and not torch.isfinite(w).all():
             raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {key}")
         return w
 
@@ -125,19 +129,45 @@ class Executor:
         return _checked(out, lin.module)
 
     def quantize_experts(self, ex: Experts, key: str) -> dict[str, torch.Tensor]:
+        """All experts of one projection, quantized. Gate and up share a global scale per expert, so
+        they are quantized together (each read once) and the partner's result goes into the cache.
+        Experts go in batches of ~BATCH_BYTES: read by a thread pool while the previous batch is
+        quantized (one stacked kernel call on the GPU)."""
         fmt = ex.fmt_out
-        results = []
-        for e in range(ex.num):
-            w = self.expert_weight(ex, key, e).to(self.device)
-            amax = w.float().abs().amax().cpu()
-            if key in ("gate", "up") and fmt.quant_algo:  # gate/up of one expert share (fused in memory)
-                other = self.expert_weight(ex, "up" if key == "gate" else "gate", e)
-                amax = torch.maximum(amax, other.float().abs().amax())
-            results.append({s: t.cpu() for s, t in fmt.quantize(w, amax).items()})
-        out = {s: torch.stack([r[s] for r in results]) for s in results[0]}
-        if fmt.calibrated:
-            out["input_scale"] = self.expert_input_scales(ex, key, fmt)
-        return _checked(out, f"{ex.layer} experts {key}")
+        keys = ("gate", "up") if key in ("gate", "up") and fmt.quant_algo else (key,)
+        per_expert = 2 * max(math.prod(ex.shapes[k]) for k in keys)
+        size = max(1, BATCH_BYTES // per_expert)
+        batches = [range(s, min(s + size, ex.num)) for s in range(0, ex.num, size)]
+
+        def load(batch: range) -> dict[str, torch.Tensor]:
+            return {k: torch.stack(list(_READERS.map(lambda e, k=k: self.expert_weight(ex, k, e, check=False), batch)))
+                    for k in keys}  # fmt: skip
+
+        parts: dict[str, list[dict[str, torch.Tensor]]] = {k: [] for k in keys}
+        with ThreadPoolExecutor(1) as prefetch:
+            pending = prefetch.submit(load, batches[0])
+            for i, batch in enumerate(batches):
+                ws = {k: w.to(self.device) for k, w in pending.result().items()}
+                if i + 1 < len(batches):
+                    pending = prefetch.submit(load, batches[i + 1])
+                amax = {k: w.abs().amax(dim=tuple(range(1, w.dim()))).float().cpu() for k, w in ws.items()}
+                for k, a in amax.items():
+                    if not torch.isfinite(a).all():
+                        e = batch[int((~torch.isfinite(a)).nonzero()[0])]
+                        raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {k}")
+                shared = torch.stack(list(amax.values())).amax(0)  # gate/up of one expert share (fused in memory)
+                for k, w in ws.items():
+                    parts[k].append({s: t.cpu() for s, t in fmt.quantize_stacked(w, shared).items()})
+        out = {}
+        for k in keys:
+            out[k] = {s: torch.cat([p[s] for p in parts[k]]) for s in parts[k][0]}
+            if fmt.calibrated:
+                out[k]["input_scale"] = self.expert_input_scales(ex, k, fmt)
+            _checked(out[k], f"{ex.layer} experts {k}")
+        for k in keys:
+            if k != key:
+                self._cached(("ex", ex.layer, k), lambda k=k: out[k])
+        return out[key]
 
     def expert_input_scales(self, ex: Experts, key: str, fmt: Format) -> torch.Tensor:
         store = (self.acts.experts_mid if key == "down" else self.acts.experts_in) if self.acts else {}

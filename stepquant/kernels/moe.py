@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import interpreting
 from .quantize import _bf16_rne
-from .linear import _a_tile, _mma, _rcp, _w_tile, dequantize_nvfp4, quantize_activations_reference
+from .linear import _a_tile, _mma, _rcp, _w_tile, blackwell_activations, dequantize_nvfp4
 
 WFMTS = {"nvfp4": 0, "bf16": 1, "fp8": 2}
 
@@ -76,7 +76,7 @@ def _moe_gemm_kernel(
     N, K, stride_a, TOPK, limit,
     GATHER: tl.constexpr, GLU: tl.constexpr, HAS_LIMIT: tl.constexpr, WEIGHTED: tl.constexpr,
     WFMT: tl.constexpr, AQ: tl.constexpr, APPROX: tl.constexpr, DOT_FP32: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
 ):  # fmt: skip
     """One [BM, BN] tile of one expert's rows. Row r of the block is routed pair `ids[r]` = t*TOPK + j
     (-1: padding); its activation row is t (GATHER) or the pair itself, its output row the pair.
@@ -102,15 +102,18 @@ def _moe_gemm_kernel(
     gs = tl.load(scalars_ptr + e * 4 + 2)
     isc = tl.load(scalars_ptr + e * 4 + 3)
     rcp_gs = _rcp(gs, APPROX)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         a_even, a_odd = _a_tile(a_ptr, rows, valid, stride_a, k0, K, gs, rcp_gs, isc, AQ, APPROX, BM, BK)
         w_even, w_odd = _w_tile(w_e, sf_e, rn, rn < N, k0, K, WFMT, BN, BK)
-        acc = _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32)
+        acc = _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32, SWAP)
         if GLU:
             u_even, u_odd = _w_tile(w_e, sf_e, rn + N, rn < N, k0, K, WFMT, BN, BK)
-            acc_up = _mma(acc_up, a_even, a_odd, u_even, u_odd, DOT_FP32)
+            acc_up = _mma(acc_up, a_even, a_odd, u_even, u_odd, DOT_FP32, SWAP)
+    if SWAP:
+        acc = tl.trans(acc)
+        acc_up = tl.trans(acc_up)
     y = acc * alpha
     if GLU:
         up = acc_up * alpha
@@ -129,7 +132,7 @@ def route(topk_ids: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor
     [blocks * bm], -1 for padding; expert of each block [blocks], -1 past the last used block)."""
     flat = topk_ids.reshape(-1).long()
     tk = flat.numel()
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
     blocks = (counts + bm - 1) // bm
     block_end = torch.cumsum(blocks, 0)
     order = torch.argsort(flat, stable=True)
@@ -158,17 +161,17 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     """Routed experts of one MoE layer: `sum_j w_j * down_e(SwiGLU(gate_up_e(x)))` for each token's
     top-k experts `e = topk_ids[t, j]` with weights `topk_weights[t, j]`; `limit` is the Step clamp.
     gate_up's rows are the gate then the up projection; x [T, H] -> [T, H] (fp32 keeps the combine's
-    sum unrounded, for checking). `config` = (BM, BN, BK, warps) overrides the tiling."""
+    sum unrounded, for checking). `config` = (BM, BN, BK, warps, swap) overrides the tiling."""
     T, H = x.shape
     E, two_i, _ = gate_up.shape
     inter = two_i // 2
     aq1, aq2 = _modes(gate_up, mode), _modes(down, mode)
     topk = topk_ids.shape[1]
-    bm, bn, bk, warps = config or _moe_blocks(T * topk)
+    bm, bn, bk, warps, swap = config or _moe_blocks(T * topk)
     ids, block_expert = route(topk_ids, E, bm)
     a = x.to(torch.bfloat16).contiguous()
     weights = topk_weights.float().reshape(-1).contiguous()
-    common = dict(APPROX=not interpreting(), DOT_FP32=interpreting(), BM=bm, BN=bn, BK=bk, num_warps=warps)
+    common = dict(APPROX=not interpreting(), DOT_FP32=interpreting(), BM=bm, BN=bn, BK=bk, SWAP=swap, num_warps=warps)
     h = torch.empty(T * topk, inter, dtype=torch.bfloat16, device=x.device)
     sf1 = gate_up.weight_scale if gate_up.weight_scale is not None else gate_up.weight
     _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(inter, bn))](
@@ -188,22 +191,24 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     return y.view(T, topk, H).sum(1).to(out_dtype)
 
 
-def _moe_blocks(pairs: int) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, warps) by the number of routed (token, expert) pairs."""
+def _moe_blocks(pairs: int) -> tuple[int, int, int, int, bool]:
+    """(BM, BN, BK, warps, swap) by the number of routed (token, expert) pairs: with few, the weight
+    goes on the MMA's M side (swap)."""
     if interpreting():
-        return 16, 16, 32, 4
+        return 16, 16, 32, 4, pairs <= 64
     if pairs <= 64:
-        return 16, 64, 128, 4
+        return 16, 128, 128, 4, True
     if pairs <= 2048:
-        return 32, 64, 128, 4
-    return 64, 128, 64, 8
+        return 32, 64, 128, 4, False
+    return 64, 128, 64, 8, False
 
 
 # -- plain-torch reference --------------------------------------------------------------------------
 def fused_moe_reference(x, topk_ids, topk_weights, gate_up: Experts, down: Experts, mode: str,
                         limit: float | None = None) -> torch.Tensor:  # fmt: skip
     """Expert by expert in fp64 on the experts' device, with the kernel's roundings: activations quantized as the
-    mode says (exact reciprocals), the SwiGLU output rounded to BF16 before the down projection."""
+    mode says (NVFP4 per SPEC §9, see `blackwell_activations`), the SwiGLU output rounded to BF16 before
+    the down projection."""
     aq1, aq2 = _modes(gate_up, mode), _modes(down, mode)
     dev = gate_up.weight.device
     x = x.to(dev, torch.bfloat16)
@@ -227,7 +232,7 @@ def _act_reference(a: torch.Tensor, scalars: torch.Tensor, aq: int) -> torch.Ten
     """Activations as the MMA sees them (fp64), times the input scale when they were quantized."""
     isc = float(scalars[3])
     if aq == 1:
-        q, sf = quantize_activations_reference(a, isc)
+        q, sf = blackwell_activations(a, isc)
         return dequantize_nvfp4(q, sf, 1.0) * isc
     if aq == 2:
         from .fp8 import quantize_input_fp8
