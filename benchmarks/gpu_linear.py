@@ -61,13 +61,13 @@ def sweep() -> list[dict]:
         bf = graph_time(lambda: x @ w.T)
         for bn in (64, 128):
             for bk in (128, 256):
-                for warps in (4,):
-                    for swap in (False, True):
+                for warps in (4, 8):
+                    for stages in (3,):
                         tiles = triton.cdiv(n, bn)
                         split = 1
                         while tiles * split < 264 and k // (split * 2) >= 2 * bk:
                             split *= 2
-                        cfg = (16, bn, bk, warps, split, 3, swap)
+                        cfg = (16, bn, bk, warps, split, stages)
                         try:
                             ms = graph_time(lambda: nvfp4_linear(x, lin, "w4a16", config=cfg))
                         except Exception as exc:  # noqa: BLE001 - a tiling that does not compile
@@ -101,7 +101,7 @@ def main() -> None:
             best[r["shape"]] = r
     print("\ndecode tiling sweep (M=16, w4a16), best per shape:")
     for r in best.values():
-        print(f"  {r['shape']}: (BM, BN, BK, warps, splits, stages, swap) = {r['config']}: {r['ms']:.4f} ms, {r['x_bf16']:.2f}x bf16")
+        print(f"  {r['shape']}: (BM, BN, BK, warps, splits, stages) = {r['config']}: {r['ms']:.4f} ms, {r['x_bf16']:.2f}x bf16")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gpu_linear.json").write_text(json.dumps({"device": dev.name, "copy_tb_s": bw / 1e12,

@@ -109,13 +109,9 @@ def _a_tile(a_ptr, rows, rmask, stride, k0, K, gs, rcp_gs, isc, AQ: tl.constexpr
 
 
 @triton.jit
-def _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32: tl.constexpr, SWAP: tl.constexpr):
-    """acc + a @ w.T over the even and odd columns (operands are exact in BF16). SWAP accumulates the
-    transpose, w @ a.T, so that few tokens sit on the MMA's N side and the dequantized weight, as the
-    A operand, can stay in registers."""
-    if SWAP:
-        acc = _mma(acc, w_even, w_odd, a_even, a_odd, DOT_FP32, False)
-    elif DOT_FP32:
+def _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32: tl.constexpr):
+    """acc + a @ w.T over the even and odd columns; operands are exact in BF16."""
+    if DOT_FP32:
         acc += tl.dot(a_even, tl.trans(w_even), input_precision="ieee")
         acc += tl.dot(a_odd, tl.trans(w_odd), input_precision="ieee")
     else:
@@ -130,7 +126,7 @@ def _nvfp4_linear_kernel(
     M, N, K, K_PER_SPLIT,
     stride_am, stride_om,
     W4A4: tl.constexpr, APPROX: tl.constexpr, DOT_FP32: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """One [BM, BN] output tile over one K range; with SPLIT > 1 the raw fp32 partial sums go to
     out_ptr[split] and are added up (deterministically) and scaled by the caller.
@@ -146,13 +142,11 @@ def _nvfp4_linear_kernel(
     alpha = tl.load(scalars_ptr)  # ws2 (w4a16) or input_scale * ws2 (w4a4)
     gs = tl.load(scalars_ptr + 1)  # 1 / input_scale
     rcp_gs = _rcp(gs, APPROX)
-    acc = tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(pid_k * K_PER_SPLIT, tl.minimum((pid_k + 1) * K_PER_SPLIT, K), BK):
         a_even, a_odd = _a_tile(a_ptr, rm, rm < M, stride_am, k0, K, gs, rcp_gs, 1.0, 1 if W4A4 else 0, APPROX, BM, BK)
         w_even, w_odd = _w_tile(w_ptr, sf_ptr, rn, rn < N, k0, K, 0, BN, BK)
-        acc = _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32, SWAP)
-    if SWAP:
-        acc = tl.trans(acc)
+        acc = _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32)
     omask = (rm[:, None] < M) & (rn[None, :] < N)
     if SPLIT == 1:
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], (acc * alpha).to(out_ptr.dtype.element_ty), mask=omask)
@@ -160,12 +154,10 @@ def _nvfp4_linear_kernel(
         tl.store(out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=omask)
 
 
-def _blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int, bool]:
-    """(BM, BN, BK, warps, K splits, stages, swap): decode shapes split K so that the grid fills the
-    GPU. Swapping the operands measured no faster on an H100 (BENCHMARKS.md), so it is off."""
+def _blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
+    """(BM, BN, BK, warps, K splits, stages): decode shapes split K so that the grid fills the GPU."""
     if interpreting():
-        return 16, 16, 32, 4, (2 if k >= 64 else 1), 1, m <= 16  # the interpreter checks both forms
-    swap = False
+        return 16, 16, 32, 4, (2 if k >= 64 else 1), 1
     if m <= 16:
         bm, bn, bk, warps = 16, 64, 128, 4
     elif m <= 64:
@@ -176,7 +168,7 @@ def _blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int, bool]
     split = 1
     while tiles * split < 264 and k // (split * 2) >= 4 * bk:  # ~2 programs per SM on 132 SMs
         split *= 2
-    return bm, bn, bk, warps, split, 3, swap
+    return bm, bn, bk, warps, split, 3
 
 
 @dataclass
@@ -215,7 +207,7 @@ def _splitk_reduce_kernel(part_ptr, out_ptr, scalars_ptr, MN, SPLIT: tl.constexp
 def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype: torch.dtype = torch.bfloat16,
                  config: tuple[int, ...] | None = None) -> torch.Tensor:  # fmt: skip
     """`x @ W.T` for an NVFP4 weight. `out_dtype=torch.float32` keeps the fp32 accumulator
-    (for checking against fp64); `config` = (BM, BN, BK, warps, splits, stages, swap) overrides the tiling."""
+    (for checking against fp64); `config` = (BM, BN, BK, warps, splits, stages) overrides the tiling."""
     if mode not in ("w4a16", "w4a4"):
         raise ValueError(f"mode must be w4a16 or w4a4, not {mode!r}")
     *lead, K = x.shape
@@ -224,7 +216,7 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     if a.dtype != torch.bfloat16 or not a.is_contiguous():
         a = a.to(torch.bfloat16).contiguous()
     M = a.shape[0]
-    bm, bn, bk, warps, split, stages, swap = config or _blocks(M, N, K)
+    bm, bn, bk, warps, split, stages = config or _blocks(M, N, K)
     per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
     target = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
@@ -236,7 +228,7 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
         a, w.weight, w.weight_scale, target, scalars,
         M, N, K, per_split, a.stride(0), out.stride(0),
         W4A4=mode == "w4a4", APPROX=not interpreting(), DOT_FP32=interpreting(),
-        BM=bm, BN=bn, BK=bk, SPLIT=split, SWAP=swap, num_warps=warps, num_stages=stages,
+        BM=bm, BN=bn, BK=bk, SPLIT=split, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split > 1:
         block = 1024

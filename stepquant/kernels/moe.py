@@ -76,7 +76,7 @@ def _moe_gemm_kernel(
     N, K, stride_a, TOPK, limit,
     GATHER: tl.constexpr, GLU: tl.constexpr, HAS_LIMIT: tl.constexpr, WEIGHTED: tl.constexpr,
     WFMT: tl.constexpr, AQ: tl.constexpr, APPROX: tl.constexpr, DOT_FP32: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """One [BM, BN] tile of one expert's rows. Row r of the block is routed pair `ids[r]` = t*TOPK + j
     (-1: padding); its activation row is t (GATHER) or the pair itself, its output row the pair.
@@ -102,18 +102,15 @@ def _moe_gemm_kernel(
     gs = tl.load(scalars_ptr + e * 4 + 2)
     isc = tl.load(scalars_ptr + e * 4 + 3)
     rcp_gs = _rcp(gs, APPROX)
-    acc = tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
-    acc_up = tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         a_even, a_odd = _a_tile(a_ptr, rows, valid, stride_a, k0, K, gs, rcp_gs, isc, AQ, APPROX, BM, BK)
         w_even, w_odd = _w_tile(w_e, sf_e, rn, rn < N, k0, K, WFMT, BN, BK)
-        acc = _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32, SWAP)
+        acc = _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32)
         if GLU:
             u_even, u_odd = _w_tile(w_e, sf_e, rn + N, rn < N, k0, K, WFMT, BN, BK)
-            acc_up = _mma(acc_up, a_even, a_odd, u_even, u_odd, DOT_FP32, SWAP)
-    if SWAP:
-        acc = tl.trans(acc)
-        acc_up = tl.trans(acc_up)
+            acc_up = _mma(acc_up, a_even, a_odd, u_even, u_odd, DOT_FP32)
     y = acc * alpha
     if GLU:
         up = acc_up * alpha
@@ -161,17 +158,17 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     """Routed experts of one MoE layer: `sum_j w_j * down_e(SwiGLU(gate_up_e(x)))` for each token's
     top-k experts `e = topk_ids[t, j]` with weights `topk_weights[t, j]`; `limit` is the Step clamp.
     gate_up's rows are the gate then the up projection; x [T, H] -> [T, H] (fp32 keeps the combine's
-    sum unrounded, for checking). `config` = (BM, BN, BK, warps, swap) overrides the tiling."""
+    sum unrounded, for checking). `config` = (BM, BN, BK, warps) overrides the tiling."""
     T, H = x.shape
     E, two_i, _ = gate_up.shape
     inter = two_i // 2
     aq1, aq2 = _modes(gate_up, mode), _modes(down, mode)
     topk = topk_ids.shape[1]
-    bm, bn, bk, warps, swap = config or _moe_blocks(T * topk)
+    bm, bn, bk, warps = config or _moe_blocks(T * topk)
     ids, block_expert = route(topk_ids, E, bm)
     a = x.to(torch.bfloat16).contiguous()
     weights = topk_weights.float().reshape(-1).contiguous()
-    common = dict(APPROX=not interpreting(), DOT_FP32=interpreting(), BM=bm, BN=bn, BK=bk, SWAP=swap, num_warps=warps)
+    common = dict(APPROX=not interpreting(), DOT_FP32=interpreting(), BM=bm, BN=bn, BK=bk, num_warps=warps)
     h = torch.empty(T * topk, inter, dtype=torch.bfloat16, device=x.device)
     sf1 = gate_up.weight_scale if gate_up.weight_scale is not None else gate_up.weight
     _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(inter, bn))](
@@ -191,16 +188,14 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     return y.view(T, topk, H).sum(1).to(out_dtype)
 
 
-def _moe_blocks(pairs: int) -> tuple[int, int, int, int, bool]:
-    """(BM, BN, BK, warps, swap) by the number of routed (token, expert) pairs: with few, the weight
-    goes on the MMA's M side (swap)."""
+def _moe_blocks(pairs: int) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, warps) by the number of routed (token, expert) pairs (the best of a sweep on an
+    H100, BENCHMARKS.md)."""
     if interpreting():
-        return 16, 16, 32, 4, pairs <= 64
-    if pairs <= 64:
-        return 16, 128, 128, 4, True
+        return 16, 16, 32, 4
     if pairs <= 2048:
-        return 32, 64, 128, 4, False
-    return 64, 128, 64, 8, False
+        return 16, 32, 128, 4
+    return 64, 128, 64, 8
 
 
 # -- plain-torch reference --------------------------------------------------------------------------
