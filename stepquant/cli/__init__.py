@@ -33,9 +33,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import bench, check, convert, demo, inspect
+    from . import bench, check, convert, demo, inspect, verify
 
-    for mod in (inspect, convert, check, demo, bench):
+    for mod in (inspect, convert, check, verify, demo, bench):
         main.add_command(mod.command)
 
 

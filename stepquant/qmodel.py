@@ -1,0 +1,195 @@
+"""Running a quantized checkpoint inside the family's transformers model (the harness's quantized side).
+
+The reference model is loaded by transformers from the source checkpoint (eager experts). Every
+quantized unit of the checkpoint under test (any naming or expert layout stepquant writes, and
+ModelOpt's exports) is registered against the parameter it replaces; while `quantized(...)` is active,
+`F.linear` on such a weight runs the quantized linear instead:
+
+- NVFP4 `w4a16`: exact `code x block scale` weight values, BF16 activations, fp32 accumulation,
+  `x weight_scale_2`; `w4a4`: activations quantized first with Blackwell's recipe (SPEC §9), `alpha =
+  input_scale x weight_scale_2` (kernels on CUDA, the same numbers in fp32 torch on the CPU);
+- FP8: static per-tensor activations, `torch._scaled_mm` on CUDA, exact emulation on the CPU; block FP8:
+  the weight dequantized.
+
+Fused experts call `F.linear` once per expert and projection with a slice of the 3-D parameter; the
+expert is recovered from the slice's storage offset. Everything else (router, SwiGLU clamp, attention)
+is transformers' own forward.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .calibrate import _is_fused_experts
+from .checkpoint import Checkpoint
+from .naming import canonical_names
+from .errors import StepquantError
+from .plan import Plan
+from .quantize import Executor
+
+MODES = ("w4a4", "w4a16")
+
+
+@dataclass
+class QWeight:
+    """One quantized [N, K] weight as the harness runs it."""
+
+    fmt: str
+    parts: dict[str, torch.Tensor]  # the checkpoint's tensors (gate and up of an expert concatenated)
+    exact: torch.Tensor | None = None  # NVFP4: code x block scale, exact in BF16
+    nv: object | None = None  # NVFP4Weight on CUDA
+
+    def to(self, device: str) -> QWeight:
+        from .formats import E2M1_VALUES, unpack_nibbles
+
+        parts = {k: v.to(device) for k, v in self.parts.items()}
+        q = QWeight(self.fmt, parts)
+        if self.fmt.endswith("nvfp4"):
+            vals = E2M1_VALUES.to(device)[unpack_nibbles(parts["weight"]).long()]
+            q.exact = (vals * parts["weight_scale"].float().repeat_interleave(16, -1)).to(torch.bfloat16)
+            if device != "cpu":
+                from .kernels.linear import NVFP4Weight
+
+                q.nv = NVFP4Weight.from_parts(parts["weight"], parts["weight_scale"], parts["weight_scale_2"],
+                                              parts.get("input_scale"))  # fmt: skip
+        return q
+
+
+def qlinear(x: torch.Tensor, q: QWeight, mode: str) -> torch.Tensor:
+    """`x @ W.T` for a quantized weight, BF16 out."""
+    from .kernels.fp8 import fp8_block_linear, fp8_linear
+
+    if q.fmt == "fp8":
+        return fp8_linear(x, q.parts["weight"], q.parts["weight_scale"], q.parts["input_scale"])
+    if q.fmt == "fp8-block":
+        return fp8_block_linear(x, q.parts["weight"], q.parts["weight_scale_inv"])
+    if "input_scale" not in q.parts:
+        mode = "w4a16"  # weight-only NVFP4
+    if q.nv is not None:
+        from .kernels.linear import nvfp4_linear
+
+        return nvfp4_linear(x, q.nv, mode)
+    ws2 = q.parts["weight_scale_2"].float().reshape(())
+    a = x.float()
+    alpha = ws2
+    if mode == "w4a4":
+        from .kernels.linear import blackwell_activations, dequantize_nvfp4
+
+        isc = q.parts["input_scale"].float().reshape(())
+        qa, sfa = blackwell_activations(x, float(isc))
+        a = dequantize_nvfp4(qa, sfa, 1.0, torch.float32)
+        alpha = isc * ws2
+    return ((a @ q.exact.float().T) * alpha).to(torch.bfloat16)
+
+
+class QuantizedModel:
+    """A reference model plus the quantized weights that replace some of its parameters."""
+
+    def __init__(self, model: torch.nn.Module, linears: dict[int, QWeight], experts: dict[int, list[QWeight]],
+                 units: int) -> None:  # fmt: skip
+        self.model = model
+        self.linears = linears
+        self.experts = experts
+        self.units = units
+
+    def lookup(self, weight: torch.Tensor) -> QWeight | None:
+        q = self.linears.get(id(weight))
+        if q is not None:
+            return q
+        base = weight._base
+        if base is not None and id(base) in self.experts:
+            e = (weight.storage_offset() - base.storage_offset()) // base[0].numel()
+            return self.experts[id(base)][e]
+        return None
+
+    @contextmanager
+    def quantized(self, mode: str = "w4a4"):
+        """While active, the model computes with the checkpoint's quantized weights."""
+        if mode not in MODES:
+            raise StepquantError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+        orig = F.linear
+
+        def linear(input, weight, bias=None):
+            q = self.lookup(weight)
+            if q is None:
+                return orig(input, weight, bias)
+            out = qlinear(input, q, mode).to(input.dtype)
+            return out + bias if bias is not None else out
+
+        F.linear = linear
+        try:
+            yield self.model
+        finally:
+            F.linear = orig
+
+
+def attach(model: torch.nn.Module, ckpt: Checkpoint, ref: Checkpoint, memory_names, device: str) -> QuantizedModel:
+    """Register every quantized unit of `ckpt` against `model` (loaded from `ref`)."""
+    from .check import _lint_plan
+
+    plan, _, _ = _lint_plan(ckpt)
+    _same_unquantized(ckpt, plan, ref)
+    ex = Executor(ckpt, plan, None, "shared")
+    canon = _canon(memory_names)
+    lin_by_module = {lin.module: lin for lin in plan.linears if lin.fmt_in.quant_algo}
+    exp_by_layer = {e.layer: e for e in plan.experts if e.fmt_in.quant_algo}
+    linears: dict[int, QWeight] = {}
+    experts: dict[int, list[QWeight]] = {}
+    found = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and canon(name) in lin_by_module:
+            lin = lin_by_module[canon(name)]
+            parts = {s: ckpt.read(n) for s, n in lin.parts.items()}
+            linears[id(module.weight)] = QWeight(lin.fmt_in.name, parts).to(device)
+            found += 1
+        elif _is_fused_experts(module):
+            m = re.search(r"^(.*?\.layers\.\d+)\.", canon(name) + ".")
+            unit = exp_by_layer.get(m.group(1) if m else "")
+            if unit is None:
+                continue
+            gu, dn = [], []
+            for e in range(unit.num):
+                g = {s: ex.expert_part(unit, "gate", e, s) for s in unit.parts["gate"][e]}
+                u = {s: ex.expert_part(unit, "up", e, s) for s in unit.parts["up"][e]}
+                fused = {s: (torch.cat([g[s], u[s]]) if g[s].dim() else torch.maximum(g[s], u[s])) for s in g}
+                gu.append(QWeight(unit.fmt_in.name, fused).to(device))
+                d = {s: ex.expert_part(unit, "down", e, s) for s in unit.parts["down"][e]}
+                dn.append(QWeight(unit.fmt_in.name, d).to(device))
+            experts[id(module.gate_up_proj)] = gu
+            experts[id(module.down_proj)] = dn
+            found += 1
+    wanted = len(lin_by_module) + len(exp_by_layer)
+    if found != wanted:
+        raise StepquantError(f"{ckpt.root}: {wanted - found} quantized module(s) have no counterpart in the transformers model")
+    return QuantizedModel(model, linears, experts, wanted)
+
+
+def _canon(memory_names):
+    def canon(name: str) -> str:
+        for pattern, repl in memory_names:
+            if re.search(pattern, name):
+                return re.sub(pattern, repl, name)
+        return name
+
+    return canon
+
+
+def _same_unquantized(ckpt: Checkpoint, plan: Plan, ref: Checkpoint) -> None:
+    """The unquantized tensors must be the reference's (byte for byte, under the canonical names): the
+    harness runs the reference's."""
+    _, _, ours = canonical_names(list(ckpt.tensors))  # canonical -> the checkpoint's name
+    _, _, theirs = canonical_names(list(ref.tensors))
+    quantized = {n for lin in plan.linears if lin.fmt_in.quant_algo for n in lin.parts.values()}
+    quantized |= {r[0] for ex in plan.experts if ex.fmt_in.quant_algo for key in ex.parts for e in ex.parts[key] for r in e.values()}
+    for c, name in sorted(ours.items()):
+        if name in quantized or c not in theirs:
+            continue
+        ta, tb = ckpt.tensors[name], ref.tensors[theirs[c]]
+        if (ta.dtype, ta.shape) != (tb.dtype, tb.shape) or any(x != y for x, y in zip(ckpt.iter_bytes(name), ref.iter_bytes(theirs[c]))):
+            raise StepquantError(f"{ckpt.root}: tensor '{name}' is not quantized but differs from the reference's; "
+                                 "the harness runs the reference's")  # fmt: skip

@@ -1,0 +1,138 @@
+"""`verify`: what a quantized checkpoint costs in accuracy, measured the way Blackwell runs it.
+
+The reference (the source checkpoint) is loaded by transformers; the checkpoint under test runs inside
+the same model with its quantized weights (`qmodel`): fidelity on a corpus (`fidelity`) and, with a GPQA
+file, GPQA on the same permutations for both (`gpqa`). The report goes to `report.json` and `report.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import open_checkpoint
+from .errors import StepquantError
+from .families import GENERIC, detect_family
+
+
+@dataclass
+class VerifyOptions:
+    ref: str
+    mode: str = "w4a4"  # NVFP4 execution: w4a4 (Blackwell) or w4a16 (Hopper engines)
+    device: str = "cpu"
+    eval_data: str | None = None  # None: the embedded calibration-free text
+    eval_samples: int = 8
+    eval_seq_len: int = 256
+    gpqa: str | None = None
+    repeats: int = 8
+    gpqa_limit: int | None = None
+    max_new_tokens: int = 2048
+    temperature: float = 0.0
+    top_p: float = 1.0
+    batch: int = 8
+    min_recovery: float = 0.99
+    report: str | None = None
+    trust_remote_code: bool = False
+
+
+def verify(dst: str | Path, opts: VerifyOptions, echo=print) -> dict:
+    """Measure `dst` against `opts.ref`; returns the report (with `verdict`: pass, fail or none)."""
+    from .calibrate import load_model
+    from .fidelity import eval_batches, measure
+    from .qmodel import attach
+
+    if opts.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise StepquantError("--device cuda: no CUDA device is visible to torch")
+    started = time.time()
+    with open_checkpoint(dst) as ckpt, open_checkpoint(opts.ref) as ref:
+        family = detect_family(ref.config) or GENERIC
+        model = load_model(ref.root, ref.config, opts.device, opts.trust_remote_code)
+        qm = attach(model, ckpt, ref, family.memory_names, opts.device)
+        echo(f"{ckpt.root.name}: {qm.units} quantized module(s) run as {opts.mode} on {opts.device}")
+        batches, corpus = eval_batches(opts.eval_data, ref.root, opts.eval_samples, opts.eval_seq_len)
+        fid = measure(qm, batches, opts.mode, opts.device)
+        report = {
+            "producer": {"name": "stepquant", "version": __version__},
+            "checkpoint": str(ckpt.root), "reference": str(ref.root), "mode": opts.mode, "device": opts.device,
+            "corpus": corpus, "tokens": fid["tokens"], "kl": fid["kl"], "top1": fid["top1"], "ppl": fid["ppl"],
+            "sqnr_db": fid["sqnr_db"], "kl_quantiles": _quantiles(fid["kl_values"]),
+        }  # fmt: skip
+        echo(f"KL {fid['kl']:.5f}, top-1 {100 * fid['top1']:.2f}%, PPL {fid['ppl']['ref']:.3f} -> {fid['ppl']['quant']:.3f}"
+             f" over {fid['tokens']} tokens")  # fmt: skip
+        verdict = "none"
+        if opts.gpqa:
+            report["gpqa"] = _gpqa(qm, ref.root, opts, echo)
+            acc = report["gpqa"]["accuracy"]
+            verdict = "pass" if acc["quant"] >= opts.min_recovery * acc["ref"] else "fail"
+        report["verdict"] = verdict
+        report["min_recovery"] = opts.min_recovery
+        report["options"] = {k: v for k, v in asdict(opts).items() if k != "report"}
+        report["seconds"] = round(time.time() - started, 2)
+    if opts.report:
+        write_report(report, Path(opts.report))
+    return report
+
+
+def _gpqa(qm, root: Path, opts: VerifyOptions, echo) -> dict:
+    from transformers import AutoTokenizer
+
+    from . import gpqa
+
+    rows = gpqa.load_rows(opts.gpqa)
+    if opts.gpqa_limit:
+        rows = rows[: opts.gpqa_limit]
+    exs = gpqa.examples(rows, opts.repeats)
+    try:
+        tok = AutoTokenizer.from_pretrained(root, trust_remote_code=opts.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise StepquantError(f"{root}: no usable tokenizer for GPQA ({type(exc).__name__})") from None
+    answer = gpqa.generator(qm.model, tok, opts.device, opts.max_new_tokens, opts.temperature, opts.top_p)
+    echo(f"GPQA: {len(rows)} questions x {opts.repeats} repeats, reference then quantized")
+    ref_scores = gpqa.score(exs, gpqa.run(exs, answer, opts.batch))
+    with qm.quantized(opts.mode):
+        q_scores = gpqa.score(exs, gpqa.run(exs, answer, opts.batch))
+    result = gpqa.paired(exs, ref_scores, q_scores)
+    se, rec = result["paired_se"], result["recovery"]
+    echo(f"GPQA accuracy {100 * result['accuracy']['ref']:.1f}% -> {100 * result['accuracy']['quant']:.1f}%, paired "
+         f"{100 * result['paired_diff']:+.1f} ± {'-' if se is None else f'{100 * se:.1f}'} pp, "
+         f"recovery {'-' if rec is None else f'{rec:.3f}'}")  # fmt: skip
+    return result
+
+
+def _quantiles(values: list[float]) -> dict:
+    v = sorted(values)
+    return {f"p{q}": v[min(len(v) - 1, int(q / 100 * len(v)))] for q in (50, 90, 99)} | {"max": v[-1]}
+
+
+def format_table(r: dict) -> str:
+    """The report as a Markdown table (also what `push` puts into the model card)."""
+    lines = [f"Measured by stepquant {r['producer']['version']} as `{r['mode']}` on {r['device']}, {r['tokens']} tokens "
+             f"of {r['corpus']}.", "", "| metric | reference | quantized |", "|---|---|---|",
+             f"| perplexity | {r['ppl']['ref']:.4f} | {r['ppl']['quant']:.4f} |",
+             f"| mean KL divergence | - | {r['kl']:.5f} |", f"| same top-1 token | - | {100 * r['top1']:.2f}% |"]  # fmt: skip
+    g = r.get("gpqa")
+    if g:
+        se = "-" if g["paired_se"] is None else f"{100 * g['paired_se']:.2f}"
+        lines.append(f"| GPQA accuracy ({g['n']} questions x {g['samples'] // g['n']}) | {100 * g['accuracy']['ref']:.2f}% | "
+                     f"{100 * g['accuracy']['quant']:.2f}% (paired {100 * g['paired_diff']:+.2f} ± {se} pp) |")  # fmt: skip
+    sq = [v for v in r["sqnr_db"].values() if math.isfinite(v)]
+    if sq:
+        lines += ["", f"Per-layer output SQNR: min {min(sq):.1f} dB, median {sorted(sq)[len(sq) // 2]:.1f} dB."]
+    lines += ["", f"Verdict: **{r['verdict']}** (GPQA quantized ≥ {r['min_recovery']} × reference accuracy)" if g else ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(r: dict, out: Path) -> None:
+    """report.json and report.md, written whole (temporary names, then renamed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("report.json", json.dumps(r, indent=2) + "\n"), ("report.md", "# stepquant verify\n\n" + format_table(r))):
+        tmp = out / (name + ".partial")
+        tmp.write_text(text)
+        tmp.replace(out / name)

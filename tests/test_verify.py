@@ -1,0 +1,79 @@
+"""verify on the demo Step-3.7 model: the quantized weights really run, reports are honest."""
+
+import csv
+import json
+
+import pytest
+
+from stepquant.convert import ConvertOptions, convert
+from stepquant.verify import VerifyOptions, verify
+
+from .conftest import run_cli
+from .test_gpqa import ROWS
+
+
+@pytest.fixture(scope="module")
+def builds(demo_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("verify")
+    nv = convert(demo_ckpt, out / "nvfp4", ConvertOptions(recipe="step3p7-nvfp4-moe-only-kvfp8", calib_samples=8, calib_seq_len=64))
+    same = convert(demo_ckpt, out / "renamed", ConvertOptions(naming="modelopt"))
+    return nv, same
+
+
+def test_bf16_copy_has_zero_divergence(demo_ckpt, builds):
+    r = verify(builds[1], VerifyOptions(ref=str(demo_ckpt), eval_samples=2, eval_seq_len=32))
+    assert r["kl"] == 0.0 and r["top1"] == 1.0 and r["ppl"]["ref"] == r["ppl"]["quant"]
+
+
+def test_nvfp4_runs_quantized_and_modes_differ(demo_ckpt, builds):
+    a = verify(builds[0], VerifyOptions(ref=str(demo_ckpt), mode="w4a4", eval_samples=2, eval_seq_len=32))
+    b = verify(builds[0], VerifyOptions(ref=str(demo_ckpt), mode="w4a16", eval_samples=2, eval_seq_len=32))
+    assert 0 < b["kl"] and 0 < a["kl"] and a["kl"] != b["kl"]
+    assert a["ppl"]["ref"] == b["ppl"]["ref"] and a["tokens"] == 62
+    assert a["sqnr_db"]["model.language_model.layers.0"] == float("inf")  # dense layer 0: nothing quantized
+    assert 5 < a["sqnr_db"]["model.language_model.layers.3"] < 60
+
+
+def test_gpqa_end_to_end_with_report_and_exit_code(demo_ckpt, builds, tmp_path):
+    data = tmp_path / "gpqa.csv"
+    with data.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(ROWS[0]))
+        w.writeheader()
+        w.writerows(ROWS)
+    rep = tmp_path / "report"
+    proc = run_cli("verify", str(builds[0]), "--ref", str(demo_ckpt), "--gpqa", str(data), "--repeats", "2",
+                   "--max-new-tokens", "3", "--eval-samples", "1", "--eval-seq-len", "16", "--report", str(rep),
+                   "--min-recovery", "0")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads((rep / "report.json").read_text())
+    assert r["gpqa"]["n"] == 3 and r["gpqa"]["samples"] == 6 and r["verdict"] == "pass"
+    for k in ("kl", "top1", "ppl"):
+        assert k in r
+    md = (rep / "report.md").read_text()
+    assert "GPQA accuracy (3 questions x 2)" in md
+    for text in (proc.stdout, proc.stderr, md, json.dumps(r)):
+        assert "Q0?" not in text and "right1" not in text  # questions and answers never in clear
+
+
+def test_failing_recovery_exits_1(demo_ckpt, builds, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from stepquant import gpqa
+    from stepquant.cli import main
+
+    data = tmp_path / "gpqa.json"
+    data.write_text(json.dumps(ROWS))
+    scores = iter([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # the reference, then the quantized model
+    monkeypatch.setattr(gpqa, "score", lambda exs, responses: next(scores))
+    args = ["verify", str(builds[0]), "--ref", str(demo_ckpt), "--gpqa", str(data), "--repeats", "1",
+            "--max-new-tokens", "1", "--eval-samples", "1", "--eval-seq-len", "16"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "verdict: fail" in res.output and "recovery 0.667" in res.output
+    scores = iter([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    res = CliRunner().invoke(main, [*args, "--min-recovery", "0.6"])
+    assert res.exit_code == 0 and "verdict: pass" in res.output
+
+
+def test_bad_input_exits_2(demo_ckpt, tmp_path):
+    proc = run_cli("verify", str(tmp_path / "nope"), "--ref", str(demo_ckpt))
+    assert proc.returncode == 2 and proc.stderr.startswith("error:")
