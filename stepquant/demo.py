@@ -128,7 +128,8 @@ def build_demo_checkpoint(out: str | Path) -> Path:
 
 
 def run_demo(out: str | Path, echo=print) -> dict:
-    """Build the demo checkpoint under `out/bf16`, then run inspect and a naming round trip on it."""
+    """Build the demo checkpoint under `out/bf16`, then inspect, a naming round trip, the NVFP4 release
+    recipe, check, and verify (both NVFP4 modes, CPU)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -159,8 +160,15 @@ def run_demo(out: str | Path, echo=print) -> dict:
         echo(f"check --engine {engine} --ref bf16: {len(rep.defects)} defect(s), {len(rep.warnings)} warning(s)")
         for line in rep.defects + rep.warnings:
             echo(f"  {line}")
+    from .verify import VerifyOptions, format_table, verify
+
+    verified = {}
+    for mode in ("w4a4", "w4a16"):
+        rep = verify(nvfp4, VerifyOptions(ref=str(src), mode=mode, eval_samples=4, eval_seq_len=64), echo=lambda _: None)
+        verified[mode] = {k: rep[k] for k in ("kl", "top1", "ppl", "tokens")}
+        echo(f"\nverify --ref bf16 --mode {mode}:\n{format_table(rep)}")
     summary = {"checkpoint": str(src), "inspect": report, "roundtrip_identical": True, "nvfp4": str(nvfp4),
-               "check": checks, "seconds": round(time.time() - t0, 2)}  # fmt: skip
+               "check": checks, "verify": verified, "seconds": round(time.time() - t0, 2)}  # fmt: skip
     (out / "demo-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     echo(f"demo finished in {summary['seconds']}s; summary in {out / 'demo-summary.json'}")
     return summary

@@ -54,3 +54,6 @@ def test_run_demo(tmp_path):
     assert (tmp_path / "bf16-modelopt" / "stepquant.json").is_file()
     assert summary["check"]["vllm"]["defects"] == [] and summary["check"]["sglang"]["defects"] == []
     assert (tmp_path / "nvfp4" / "hf_quant_config.json").is_file()
+    v = summary["verify"]
+    assert 0 < v["w4a16"]["kl"] < 0.1 and 0 < v["w4a4"]["kl"] < 0.1 and v["w4a4"]["kl"] != v["w4a16"]["kl"]
+    assert any("same top-1 token" in line for line in lines)
