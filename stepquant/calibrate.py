@@ -184,7 +184,12 @@ def load_batches(spec: str, root: Path, samples: int, seq_len: int) -> tuple[lis
     path = Path(spec)
     if spec != "embedded" and path.suffix == ".json" and path.is_file():
         return _token_json(path), f"{path.name} (token ids)"
-    texts = _texts(spec, path)
+    return token_batches(_texts(spec, path), root, samples, seq_len, spec)
+
+
+def token_batches(texts: list[str], root: Path, samples: int, seq_len: int, label: str) -> tuple[list[torch.Tensor], str]:
+    """`samples` rows of `seq_len` tokens from `texts` with the model's tokenizer (every other text in the
+    chat template when it has one), in batches; and their description."""
     from transformers import AutoTokenizer
 
     try:
@@ -202,10 +207,10 @@ def load_batches(spec: str, root: Path, samples: int, seq_len: int) -> tuple[lis
         if len(ids) >= samples * seq_len:
             break
     if len(ids) < seq_len:
-        raise StepquantError(f"calibration data {spec!r}: only {len(ids)} tokens, fewer than --calib-seq-len {seq_len}")
+        raise StepquantError(f"calibration data {label!r}: only {len(ids)} tokens, fewer than --calib-seq-len {seq_len}")
     n = min(samples, len(ids) // seq_len)
     rows = torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
-    return list(rows.split(BATCH)), f"{spec} ({n} x {seq_len} tokens)"
+    return list(rows.split(BATCH)), f"{label} ({n} x {seq_len} tokens)"
 
 
 def hash_order(text: str) -> str:
@@ -269,21 +274,34 @@ def _texts(spec: str, path: Path) -> list[str]:
         raise StepquantError(f"calibration data {spec!r}: cannot load ({type(exc).__name__})") from None
 
 
-def to_canonical(stats: CalibStats, memory_names: tuple[tuple[str, str], ...]):
-    """Map in-memory module names to canonical checkpoint names (experts keyed by their layer prefix)."""
+def canonical_module(name: str, memory_names: tuple[tuple[str, str], ...]) -> str:
+    """A transformers in-memory module name -> the canonical checkpoint name (the family's table)."""
     import re
 
+    for pattern, repl in memory_names:
+        if re.search(pattern, name):
+            return re.sub(pattern, repl, name)
+    return name
+
+
+def canonical_layer(name: str, memory_names: tuple[tuple[str, str], ...]) -> str:
+    """The canonical layer prefix (`model.layers.N`) of an in-memory module name, e.g. a fused experts module."""
+    import re
+
+    canon = canonical_module(name, memory_names)
+    m = re.search(r"^(.*?\.layers\.\d+)\.", canon + ".")
+    return m.group(1) if m else canon
+
+
+def to_canonical(stats: CalibStats, memory_names: tuple[tuple[str, str], ...]):
+    """Map in-memory module names to canonical checkpoint names (experts keyed by their layer prefix)."""
     from .quantize import Activations
 
     def canon(name: str) -> str:
-        for pattern, repl in memory_names:
-            if re.search(pattern, name):
-                return re.sub(pattern, repl, name)
-        return name
+        return canonical_module(name, memory_names)
 
     def layer(name: str) -> str:
-        m = re.search(r"^(.*?\.layers\.\d+)\.", canon(name) + ".")
-        return m.group(1) if m else canon(name)
+        return canonical_layer(name, memory_names)
 
     acts = Activations()
     acts.linear = {canon(n): v for n, v in stats.linear.items()}

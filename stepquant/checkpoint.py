@@ -283,6 +283,14 @@ def tensor_differences(a: Checkpoint, b: Checkpoint) -> list[str]:
         ta, tb = a.tensors[name], b.tensors[name]
         if (ta.dtype, ta.shape) != (tb.dtype, tb.shape):
             diffs.append(f"{name}: {ta.dtype}{list(ta.shape)} vs {tb.dtype}{list(tb.shape)}")
-        elif any(x != y for x, y in zip(a.iter_bytes(name), b.iter_bytes(name))):
+        elif not same_tensor(a, name, b, name):
             diffs.append(f"{name}: bytes differ")
     return diffs
+
+
+def same_tensor(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str) -> bool:
+    """Whether two tensors have the same dtype, shape and bytes (streamed, never held whole)."""
+    ta, tb = a.tensors[name_a], b.tensors[name_b]
+    if (ta.dtype, ta.shape) != (tb.dtype, tb.shape):
+        return False
+    return all(x == y for x, y in zip(a.iter_bytes(name_a), b.iter_bytes(name_b)))

@@ -13,7 +13,6 @@ import importlib
 import inspect
 import math
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -44,14 +43,11 @@ def eval_text() -> str:
 
 def eval_batches(spec: str | None, root: Path, samples: int, seq_len: int) -> tuple[list[torch.Tensor], str]:
     """Token batches of the corpus: `None`/`embedded` (the text above), or any calibration data spec."""
-    from .calibrate import load_batches
+    from .calibrate import load_batches, token_batches
 
     if spec in (None, "embedded"):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "stdlib-docstrings.txt"
-            path.write_text(eval_text())
-            batches, _ = load_batches(str(path), root, samples, seq_len)
-        return batches, f"embedded stdlib docstrings ({samples} x {seq_len} tokens)"
+        paragraphs = [p for p in eval_text().split("\n\n") if p.strip()]
+        return token_batches(paragraphs, root, samples, seq_len, "embedded stdlib docstrings")
     return load_batches(spec, root, samples, seq_len)
 
 

@@ -210,7 +210,7 @@ class NVFP4(Format):
             return super().quantize_stacked(w, amax)
         from .kernels.quantize import nvfp4_quantize
 
-        ws2 = amax.detach().float().cpu() / (E2M1_MAX * E4M3_MAX)  # elementwise, exact as in _cpu_scale
+        ws2 = _cpu_div(amax, E2M1_MAX * E4M3_MAX)  # one per expert
         packed, sf = nvfp4_quantize(w, ws2)
         return {"weight": packed, "weight_scale": sf, "weight_scale_2": ws2}
 
@@ -227,7 +227,11 @@ class NVFP4(Format):
 def _cpu_scale(amax: torch.Tensor, divisor: float) -> torch.Tensor:
     """amax / divisor as a 0-dim fp32 on the CPU. Always on the CPU: CUDA torch divides a tensor by a
     scalar through its reciprocal, which is 1 ulp off for some values; the CPU division is exact."""
-    return (amax.detach().float().cpu() / divisor).reshape(())
+    return _cpu_div(amax, divisor).reshape(())
+
+
+def _cpu_div(amax: torch.Tensor, divisor: float) -> torch.Tensor:
+    return amax.detach().float().cpu() / divisor
 
 
 def nvfp4_codes(w: torch.Tensor, ws2: torch.Tensor, group: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

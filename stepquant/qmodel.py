@@ -18,17 +18,16 @@ is transformers' own forward.
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .calibrate import _is_fused_experts
-from .checkpoint import Checkpoint
-from .naming import canonical_names
+from .calibrate import _is_fused_experts, canonical_layer, canonical_module
+from .checkpoint import Checkpoint, same_tensor
 from .errors import StepquantError
+from .naming import canonical_names
 from .plan import Plan
 from .quantize import Executor
 
@@ -45,13 +44,12 @@ class QWeight:
     nv: object | None = None  # NVFP4Weight on CUDA
 
     def to(self, device: str) -> QWeight:
-        from .formats import E2M1_VALUES, unpack_nibbles
+        from .kernels.linear import dequantize_nvfp4
 
         parts = {k: v.to(device) for k, v in self.parts.items()}
         q = QWeight(self.fmt, parts)
         if self.fmt.endswith("nvfp4"):
-            vals = E2M1_VALUES.to(device)[unpack_nibbles(parts["weight"]).long()]
-            q.exact = (vals * parts["weight_scale"].float().repeat_interleave(16, -1)).to(torch.bfloat16)
+            q.exact = dequantize_nvfp4(parts["weight"], parts["weight_scale"], 1.0, torch.float32).to(torch.bfloat16)
             if device != "cpu":
                 from .kernels.linear import NVFP4Weight
 
@@ -135,21 +133,19 @@ def attach(model: torch.nn.Module, ckpt: Checkpoint, ref: Checkpoint, memory_nam
     plan, _, _ = _lint_plan(ckpt)
     _same_unquantized(ckpt, plan, ref)
     ex = Executor(ckpt, plan, None, "shared")
-    canon = _canon(memory_names)
     lin_by_module = {lin.module: lin for lin in plan.linears if lin.fmt_in.quant_algo}
     exp_by_layer = {e.layer: e for e in plan.experts if e.fmt_in.quant_algo}
     linears: dict[int, QWeight] = {}
     experts: dict[int, list[QWeight]] = {}
     found = 0
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and canon(name) in lin_by_module:
-            lin = lin_by_module[canon(name)]
+        if isinstance(module, torch.nn.Linear) and canonical_module(name, memory_names) in lin_by_module:
+            lin = lin_by_module[canonical_module(name, memory_names)]
             parts = {s: ckpt.read(n) for s, n in lin.parts.items()}
             linears[id(module.weight)] = QWeight(lin.fmt_in.name, parts).to(device)
             found += 1
         elif _is_fused_experts(module):
-            m = re.search(r"^(.*?\.layers\.\d+)\.", canon(name) + ".")
-            unit = exp_by_layer.get(m.group(1) if m else "")
+            unit = exp_by_layer.get(canonical_layer(name, memory_names))
             if unit is None:
                 continue
             gu, dn = [], []
@@ -169,16 +165,6 @@ def attach(model: torch.nn.Module, ckpt: Checkpoint, ref: Checkpoint, memory_nam
     return QuantizedModel(model, linears, experts, wanted)
 
 
-def _canon(memory_names):
-    def canon(name: str) -> str:
-        for pattern, repl in memory_names:
-            if re.search(pattern, name):
-                return re.sub(pattern, repl, name)
-        return name
-
-    return canon
-
-
 def _same_unquantized(ckpt: Checkpoint, plan: Plan, ref: Checkpoint) -> None:
     """The unquantized tensors must be the reference's (byte for byte, under the canonical names): the
     harness runs the reference's."""
@@ -189,7 +175,6 @@ def _same_unquantized(ckpt: Checkpoint, plan: Plan, ref: Checkpoint) -> None:
     for c, name in sorted(ours.items()):
         if name in quantized or c not in theirs:
             continue
-        ta, tb = ckpt.tensors[name], ref.tensors[theirs[c]]
-        if (ta.dtype, ta.shape) != (tb.dtype, tb.shape) or any(x != y for x, y in zip(ckpt.iter_bytes(name), ref.iter_bytes(theirs[c]))):
+        if not same_tensor(ckpt, name, ref, theirs[c]):
             raise StepquantError(f"{ckpt.root}: tensor '{name}' is not quantized but differs from the reference's; "
                                  "the harness runs the reference's")  # fmt: skip
