@@ -40,21 +40,21 @@ class QWeight:
 
     fmt: str
     parts: dict[str, torch.Tensor]  # the checkpoint's tensors (gate and up of an expert concatenated)
-    exact: torch.Tensor | None = None  # NVFP4: code x block scale, exact in BF16
-    nv: object | None = None  # NVFP4Weight on CUDA
+    exact: torch.Tensor | None = None  # NVFP4 on the CPU: code x block scale, exact in BF16
+    nv: object | None = None  # NVFP4 on CUDA: the kernels' NVFP4Weight
 
     def to(self, device: str) -> QWeight:
         from .kernels.linear import dequantize_nvfp4
 
         parts = {k: v.to(device) for k, v in self.parts.items()}
         q = QWeight(self.fmt, parts)
-        if self.fmt.endswith("nvfp4"):
+        if self.fmt.endswith("nvfp4") and device == "cpu":
             q.exact = dequantize_nvfp4(parts["weight"], parts["weight_scale"], 1.0, torch.float32).to(torch.bfloat16)
-            if device != "cpu":
-                from .kernels.linear import NVFP4Weight
+        elif self.fmt.endswith("nvfp4"):  # the kernels read the packed weight; no BF16 copy on the GPU
+            from .kernels.linear import NVFP4Weight
 
-                q.nv = NVFP4Weight.from_parts(parts["weight"], parts["weight_scale"], parts["weight_scale_2"],
-                                              parts.get("input_scale"))  # fmt: skip
+            q.nv = NVFP4Weight.from_parts(parts["weight"], parts["weight_scale"], parts["weight_scale_2"],
+                                          parts.get("input_scale"))  # fmt: skip
         return q
 
 
