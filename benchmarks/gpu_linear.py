@@ -13,12 +13,15 @@ from pathlib import Path
 import torch
 import triton
 
-from stepquant.bench import SHAPE_SETS, bench_linear, copy_bandwidth, graph_time
+from stepquant.bench import SHAPE_SETS, bench_linear, cold_copies, copy_bandwidth, graph_time
 from stepquant.bench import nvfp4_layer as layer
 from stepquant.formats import FORMATS
 from stepquant.formats import unpack_nibbles
 from stepquant.kernels.linear import (
+    GEMV_MAX_M,
     NVFP4Weight,
+    _cublas,
+    _gemv_blocks,
     nvfp4_linear,
     nvfp4_linear_reference,
     nvfp4_quantize_activations,
@@ -33,7 +36,7 @@ def accuracy() -> list[dict]:
     for name in ("expert gate 1280x4096", "attn o 4096x8192"):
         n, k = SHAPES[name]
         w, p = layer(n, k)
-        for m in (1, 16, 256):
+        for m in (1, 16, 256, 2048):
             x = (torch.randn(m, k, device="cuda") * 1.5).to(torch.bfloat16)
             isc = FORMATS["nvfp4"].input_scale(x.float().abs().amax())
             lin = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc)
@@ -45,35 +48,55 @@ def accuracy() -> list[dict]:
                 out = nvfp4_linear(x, lin, mode, torch.float32)
                 ref = nvfp4_linear_reference(x, p["weight"], p["weight_scale"], p["weight_scale_2"], isc, mode)
                 rel = float((out.double() - ref).norm() / ref.norm())
-                rows.append({"shape": name, "M": m, "mode": mode, "rel_err_vs_fp64": rel,
+                out16 = nvfp4_linear(x, lin, mode)
+                rel16 = float((out16.double() - ref).norm() / ref.norm())
+                rows.append({"shape": name, "M": m, "mode": mode, "rel_err_vs_fp64": rel, "rel_err_bf16_out": rel16,
+                             "path": "gemv" if m <= GEMV_MAX_M else "cublas",
                              "act_codes_moved_by_rcp_approx": moved if mode == "w4a4" else None})
     return rows
 
 
+def _split(m: int, n: int, k: int, bm: int, bn: int, bk: int, fill: int) -> int:
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = 1
+    while tiles * split < fill and k // (split * 2) >= 2 * bk:
+        split *= 2
+    return split
+
+
 def sweep() -> list[dict]:
-    """Decode tilings for two shapes: which (BM, BN, BK, warps, splits, stages) is fastest."""
+    """GEMV tilings at M = 1 and 16: which (BM, BN, BK, warps, splits, stages) is fastest, and where
+    the GEMV kernel and the dequantize + cuBLAS path cross."""
     rows = []
-    for name in ("expert gate 1280x4096", "attn o 4096x8192"):
+    for name in ("expert gate 1280x4096", "expert down 4096x1280", "attn o 4096x8192", "attn q (full) 8192x4096"):
         n, k = SHAPES[name]
         w, p = layer(n, k)
-        lin = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], torch.tensor(0.01))
-        x = torch.randn(16, k, device="cuda").to(torch.bfloat16)
-        bf = graph_time(lambda: x @ w.T)
-        for bn in (64, 128):
-            for bk in (128, 256):
-                for warps in (4, 8):
-                    for stages in (3,):
-                        tiles = triton.cdiv(n, bn)
-                        split = 1
-                        while tiles * split < 264 and k // (split * 2) >= 2 * bk:
-                            split *= 2
-                        cfg = (16, bn, bk, warps, split, stages)
+        c16, c4 = cold_copies(2 * n * k), cold_copies(n * k * 9 // 16)
+        ws = [w] + [w.clone() for _ in range(c16 - 1)]
+        lins = [NVFP4Weight.from_parts(p["weight"].clone(), p["weight_scale"].clone(), p["weight_scale_2"], torch.tensor(0.01))
+                for _ in range(c4)]
+        lin = lins[0]
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            bf = graph_time(lambda i: x @ ws[i % c16].T, reps=max(20, c16))
+            bm = 8 if m <= 8 else 16
+            for bn, bk, warps in ((64, 64, 4), (128, 64, 4), (128, 128, 4), (256, 64, 8), (128, 64, 8), (256, 128, 8)):
+                for fill in (132, 264, 528):
+                    for stages in (3, 4):
+                        cfg = (bm, bn, bk, warps, _split(m, n, k, bm, bn, bk, fill), stages)
                         try:
-                            ms = graph_time(lambda: nvfp4_linear(x, lin, "w4a16", config=cfg))
-                        except Exception as exc:  # noqa: BLE001 - a tiling that does not compile
-                            rows.append({"shape": name, "config": cfg, "error": type(exc).__name__})
+                            ms = graph_time(lambda i: nvfp4_linear(x, lins[i % c4], "w4a16", config=cfg), reps=max(20, c4))
+                        except Exception as exc:  # noqa: BLE001 - a tiling that does not compile or fit
+                            rows.append({"shape": name, "M": m, "config": cfg, "error": f"{type(exc).__name__}: {exc}"[:200]})
                             continue
-                        rows.append({"shape": name, "config": cfg, "ms": ms, "x_bf16": bf / ms})
+                        rows.append({"shape": name, "M": m, "config": cfg, "ms": ms, "x_bf16": bf / ms})
+        for m in (32, 64, 128, 256):
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            bf = graph_time(lambda i: x @ ws[i % c16].T, reps=max(20, c16))
+            cfg = _gemv_blocks(m, n, k)
+            g = graph_time(lambda i: nvfp4_linear(x, lins[i % c4], "w4a16", config=cfg), reps=max(20, c4))
+            c = graph_time(lambda i: _cublas(x, lins[i % c4], 0, torch.bfloat16), reps=max(20, c4))
+            rows.append({"shape": name, "M": m, "crossover": True, "gemv_ms": g, "cublas_ms": c, "bf16_ms": bf})
     return rows
 
 
@@ -85,10 +108,11 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"{dev.name}, torch {torch.__version__}, triton {triton.__version__}; copy {bw / 1e12:.2f} TB/s")
     acc = accuracy()
-    print("\n| shape | M | mode | rel. error vs fp64 | act. codes moved by rcp.approx |\n|---|---|---|---|---|")
+    print("\n| shape | M | mode | path | rel. error vs fp64 (fp32 out) | (bf16 out) | act. codes moved by rcp.approx |\n|---|---|---|---|---|---|---|")
     for r in acc:
         moved = r["act_codes_moved_by_rcp_approx"]
-        print(f"| {r['shape']} | {r['M']} | {r['mode']} | {r['rel_err_vs_fp64']:.2e} | {'-' if moved is None else f'{moved:.1e}'} |")
+        print(f"| {r['shape']} | {r['M']} | {r['mode']} | {r['path']} | {r['rel_err_vs_fp64']:.2e} | {r['rel_err_bf16_out']:.2e} "
+              f"| {'-' if moved is None else f'{moved:.1e}'} |")
     sp = bench_linear("step3p7", bandwidth=bw)
     print("\n| shape | M | mode | ms | torch bf16 ms | x bf16 | GB/s | % roofline | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|")
     for r in sp:
@@ -97,11 +121,18 @@ def main() -> None:
     sw = sweep()
     best = {}
     for r in sw:
-        if "ms" in r and (r["shape"] not in best or r["ms"] < best[r["shape"]]["ms"]):
-            best[r["shape"]] = r
-    print("\ndecode tiling sweep (M=16, w4a16), best per shape:")
-    for r in best.values():
-        print(f"  {r['shape']}: (BM, BN, BK, warps, splits, stages) = {r['config']}: {r['ms']:.4f} ms, {r['x_bf16']:.2f}x bf16")
+        key = (r["shape"], r["M"])
+        if "ms" in r and (key not in best or r["ms"] < best[key]["ms"]):
+            best[key] = r
+    print("\nGEMV tiling sweep (w4a16), best per shape and M:")
+    for (shape, m), r in best.items():
+        print(f"  {shape} M={m}: (BM, BN, BK, warps, splits, stages) = {r['config']}: {r['ms']:.4f} ms, {r['x_bf16']:.2f}x bf16")
+    errors = [r for r in sw if "error" in r]
+    print(f"  ({len(errors)} tilings failed{': ' + errors[0]['error'] if errors else ''})")
+    print("\n| shape | M | GEMV ms | dequantize + cuBLAS ms | torch bf16 ms |\n|---|---|---|---|---|")
+    for r in sw:
+        if r.get("crossover"):
+            print(f"| {r['shape']} | {r['M']} | {r['gemv_ms']:.4f} | {r['cublas_ms']:.4f} | {r['bf16_ms']:.4f} |")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gpu_linear.json").write_text(json.dumps({"device": dev.name, "copy_tb_s": bw / 1e12,

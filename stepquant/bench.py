@@ -47,16 +47,23 @@ def copy_bandwidth(nbytes: int = 4 << 30) -> float:
 
 
 def graph_time(fn, reps: int = 20) -> float:
-    """Median ms of one call, from CUDA-graph replays of `reps` calls."""
+    """Median ms of one call, from CUDA-graph replays of `reps` calls `fn(i)`, i = 0..reps-1 (callers
+    rotate through copies of their operands with it, so that they come from HBM, not L2)."""
     import triton
 
-    fn()
+    fn(0)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
+        for i in range(reps):
+            fn(i)
     return triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median") / reps
+
+
+def cold_copies(nbytes: int) -> int:
+    """How many copies of an operand of `nbytes` make a rotation that does not fit in twice the L2."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(1, -(-2 * l2 // max(nbytes, 1)))
 
 
 def nvfp4_layer(n: int, k: int, seed: int = 0):
@@ -81,13 +88,16 @@ def bench_linear(shapes: str = "step3p7", ms: tuple[int, ...] = MS, bandwidth: f
     for name, (n, k) in SHAPE_SETS[shapes].items():
         w, p = nvfp4_layer(n, k)
         wbytes = n * k // 2 + n * k // 16
+        c16, c4 = cold_copies(2 * n * k), cold_copies(wbytes)
+        ws = [w] + [w.clone() for _ in range(c16 - 1)]
+        parts = [p] + [{key: v.clone() for key, v in p.items()} for _ in range(c4 - 1)]
         for m in ms:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-            lin = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"],
-                                         FORMATS["nvfp4"].input_scale(x.float().abs().amax()))  # fmt: skip
-            t = {"bf16": graph_time(lambda: x @ w.T)}
+            isc = FORMATS["nvfp4"].input_scale(x.float().abs().amax())
+            lins = [NVFP4Weight.from_parts(q["weight"], q["weight_scale"], q["weight_scale_2"], isc) for q in parts]
+            t = {"bf16": graph_time(lambda i: x @ ws[i % c16].T, reps=max(20, c16))}
             for mode in ("w4a16", "w4a4"):
-                t[mode] = graph_time(lambda: nvfp4_linear(x, lin, mode))
+                t[mode] = graph_time(lambda i: nvfp4_linear(x, lins[i % c4], mode), reps=max(20, c4))
             moved = wbytes + 2 * m * k + 2 * m * n
             for mode in ("w4a16", "w4a4"):
                 rows.append({"shape": name, "M": m, "mode": mode, "ms": t[mode], "bf16_ms": t["bf16"],
@@ -150,9 +160,9 @@ def bench_moe(tokens: tuple[int, ...] = MOE_TOKENS, topk: int = 8, bandwidth: fl
         w, ids = torch.rand(t, experts, device="cuda", generator=gen).topk(topk, -1)
         touched = int(ids.unique().numel())
         moved = touched * per_expert + 2 * t * hidden * 2
-        times = {"bf16": graph_time(lambda: fused_moe(x, ids, w, gu16, dn16, "bf16"), reps=5)}
+        times = {"bf16": graph_time(lambda _: fused_moe(x, ids, w, gu16, dn16, "bf16"), reps=5)}
         for mode in ("w4a16", "w4a4"):
-            times[mode] = graph_time(lambda: fused_moe(x, ids, w, gu, dn, mode), reps=5)
+            times[mode] = graph_time(lambda _: fused_moe(x, ids, w, gu, dn, mode), reps=5)
         for mode in ("w4a16", "w4a4"):
             rows.append({"tokens": t, "experts_touched": touched, "mode": mode, "ms": times[mode],
                          "bf16_ms": times["bf16"], "pct_roofline": 100 * moved / (times[mode] * 1e-3) / bw,

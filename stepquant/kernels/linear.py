@@ -120,65 +120,136 @@ def _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32: tl.constexpr):
     return acc
 
 
+# Eight E2M1 codes (one int32 word of the packed weight: element i in nibble i) and an E4M3 block-scale
+# byte -> four bf16 pairs in K order, each exactly `code x scale x 2^-8` (the 2^-8 goes into alpha).
+# Magnitudes are looked up in byte tables with prmt, the sign bits moved with prmt + lop3, the scale
+# made from its fp16 bits ((bits & 0x7F) << 7 is scale x 2^-8 as an fp16, subnormals included), then
+# one bf16x2 multiply per pair: about 3 instructions per weight element.
+_DECODE_PTX = tl.constexpr("""{
+.reg .b32 s0, s1, l, h, tla, tlb, tha, thb, sh, p, ss, t;
+.reg .b16 t16, u16;
+.reg .f32 f;
+mov.b32 tla, 0xC0800000; mov.b32 tlb, 0xC0804000; mov.b32 tha, 0x3F3F3F00; mov.b32 thb, 0x40404040;
+shl.b32 t, $5, 7; and.b32 t, t, 0x3F80; mov.b32 {t16, u16}, t; cvt.f32.f16 f, t16; mov.b32 t, f;
+prmt.b32 ss, t, t, 0x3232;
+and.b32 s0, $4, 0x7777; shr.b32 s1, $4, 16; and.b32 s1, s1, 0x7777; shl.b32 sh, $4, 4;
+prmt.b32 l, tla, tlb, s0; prmt.b32 h, tha, thb, s0; prmt.b32 $0, l, h, 0x5140; prmt.b32 $1, l, h, 0x7362;
+prmt.b32 l, tla, tlb, s1; prmt.b32 h, tha, thb, s1; prmt.b32 $2, l, h, 0x5140; prmt.b32 $3, l, h, 0x7362;
+prmt.b32 p, sh, $4, 0x4000; lop3.b32 $0, $0, p, 0x80008000, 0xF8;
+prmt.b32 p, sh, $4, 0x5010; lop3.b32 $1, $1, p, 0x80008000, 0xF8;
+prmt.b32 p, sh, $4, 0x6020; lop3.b32 $2, $2, p, 0x80008000, 0xF8;
+prmt.b32 p, sh, $4, 0x7030; lop3.b32 $3, $3, p, 0x80008000, 0xF8;
+mul.rn.bf16x2 $0, $0, ss; mul.rn.bf16x2 $1, $1, ss; mul.rn.bf16x2 $2, $2, ss; mul.rn.bf16x2 $3, $3, ss;
+}""")
+
+
 @triton.jit
-def _nvfp4_linear_kernel(
-    a_ptr, w_ptr, sf_ptr, out_ptr, scalars_ptr,
-    M, N, K, K_PER_SPLIT,
-    stride_am, stride_om,
-    W4A4: tl.constexpr, APPROX: tl.constexpr, DOT_FP32: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+def _bf16_pair(r):
+    """int32 holding two bf16 (element 0 in the low half) -> [..., 2] bf16."""
+    lo = r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    hi = (r >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _decode_words(words, sfb, ASM: tl.constexpr):
+    """int32 words [A, B, C] of packed E2M1 codes and their E4M3 scale bytes (int32, same shape) ->
+    [A, B, C, 8] weight values `code x scale x 2^-8` in K order: bf16 through PTX on the GPU, fp32 in
+    plain Triton under the interpreter (the same values)."""
+    if ASM:
+        r0, r1, r2, r3 = tl.inline_asm_elementwise(_DECODE_PTX, "=r,=r,=r,=r,r,r", [words, sfb],
+                                                   dtype=(tl.int32,) * 4, is_pure=True, pack=1)  # fmt: skip
+        v = tl.join(tl.join(_bf16_pair(r0), _bf16_pair(r1)), tl.join(_bf16_pair(r2), _bf16_pair(r3)))
+        v = tl.permute(v, (0, 1, 2, 5, 4, 3))  # [.., half, pair bit 0, pair bit 1] -> element order
+        return tl.reshape(v, (words.shape[0], words.shape[1], words.shape[2], 8))
+    else:
+        nib = (words[:, :, :, None] >> (tl.arange(0, 8) * 4)[None, None, None, :]) & 15
+        sf = _e4m3_value(sfb) * (16384.0 / 256.0)
+        return _fp4_bits_to_f32(nib) * sf[:, :, :, None]
+
+
+@triton.jit
+def _nvfp4_gemv_kernel(
+    a_ptr, w_ptr, sf_ptr, out_ptr, part_ptr, count_ptr, scalars_ptr,
+    M, N, K, K_PER_SPLIT, stride_am, stride_om, SPLIT,
+    ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """One [BM, BN] output tile over one K range; with SPLIT > 1 the raw fp32 partial sums go to
-    out_ptr[split] and are added up (deterministically) and scaled by the caller.
-
-    K is walked as even and odd columns: the low nibbles of a weight byte meet the even activation
-    columns and the high nibbles the odd ones, so nothing is interleaved in registers.
-    """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """out[M, N] = alpha * a[M, K] @ W.T for few rows of `a` (decode). The weight is the MMA's first
+    operand (its rows on the MMA's M side, tokens on N), decoded from whole int32 words straight into the
+    operand's registers. With SPLIT > 1 each program sums one K range into part_ptr; the last program
+    of a tile to finish (a counter per tile) adds the parts up in a fixed order: deterministic, one
+    launch. Weight values carry 2^-8 (see _DECODE_PTX), taken back out with alpha."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    rm = pid_m * BM + tl.arange(0, BM)
+    NB: tl.constexpr = BK // 16
     rn = pid_n * BN + tl.arange(0, BN)
-    alpha = tl.load(scalars_ptr)  # ws2 (w4a16) or input_scale * ws2 (w4a4)
-    gs = tl.load(scalars_ptr + 1)  # 1 / input_scale
-    rcp_gs = _rcp(gs, APPROX)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    rm = pid_m * BM + tl.arange(0, BM)
+    nmask = (rn < N) | EVEN_N  # EVEN_N: no row falls outside
+    wi = tl.arange(0, NB)[:, None] * 2 + tl.arange(0, 2)[None, :]  # word index within the tile
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
     for k0 in range(pid_k * K_PER_SPLIT, tl.minimum((pid_k + 1) * K_PER_SPLIT, K), BK):
-        a_even, a_odd = _a_tile(a_ptr, rm, rm < M, stride_am, k0, K, gs, rcp_gs, 1.0, 1 if W4A4 else 0, APPROX, BM, BK)
-        w_even, w_odd = _w_tile(w_ptr, sf_ptr, rn, rn < N, k0, K, 0, BN, BK)
-        acc = _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32)
-    omask = (rm[:, None] < M) & (rn[None, :] < N)
+        kw = k0 // 8 + wi
+        kb = k0 // 16 + tl.arange(0, NB)
+        kk = k0 + tl.arange(0, BK)
+        if EVEN_K:
+            wmask = nmask[:, None, None]
+            smask = nmask[:, None]
+            amask = rm[None, :] < M
+        else:
+            wmask = nmask[:, None, None] & (kw < K // 8)[None, :, :]
+            smask = nmask[:, None] & (kb < K // 16)[None, :]
+            amask = (rm[None, :] < M) & (kk < K)[:, None]
+        words = tl.load(w_ptr + rn[:, None, None] * (K // 8) + kw[None, :, :], mask=wmask, other=0)
+        sfb = tl.load(sf_ptr + rn[:, None] * (K // 16) + kb[None, :], mask=smask, other=0).to(tl.int32)
+        w = tl.reshape(_decode_words(words, tl.broadcast_to(sfb[:, :, None], (BN, NB, 2)), ASM), (BN, BK))
+        a = tl.load(a_ptr + rm[None, :] * stride_am + kk[:, None], mask=amask, other=0.0)
+        if ASM:
+            acc = tl.dot(w, a, acc)
+        else:
+            acc = tl.dot(w, a.to(tl.float32), acc, input_precision="ieee")
+    omask = (rn[:, None] < N) & (rm[None, :] < M)
+    alpha = tl.load(scalars_ptr + ALPHA_IDX) * 256.0
+    optrs = out_ptr + rm[None, :] * stride_om + rn[:, None]
     if SPLIT == 1:
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], (acc * alpha).to(out_ptr.dtype.element_ty), mask=omask)
+        tl.store(optrs, (acc * alpha).to(out_ptr.dtype.element_ty), mask=omask)
     else:
-        tl.store(out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=omask)
+        pptrs = part_ptr + rm[None, :] * N + rn[:, None]
+        tl.store(pptrs + pid_k * M * N, acc, mask=omask)
+        tile = count_ptr + pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT - 1:  # every other part is written
+            total = tl.zeros((BN, BM), dtype=tl.float32)
+            for s in range(SPLIT):  # a fixed order: deterministic
+                total += tl.load(pptrs + s * M * N, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(optrs, (total * alpha).to(out_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(tile, 0)  # ready for the next call
 
 
-def _blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
-    """(BM, BN, BK, warps, K splits, stages): decode shapes split K so that the grid fills the GPU."""
-    if interpreting():
-        return 16, 16, 32, 4, (2 if k >= 64 else 1), 1
-    if m <= 16:
-        bm, bn, bk, warps = 16, 64, 128, 4
-    elif m <= 64:
-        bm, bn, bk, warps = 64, 64, 128, 4
-    else:
-        bm, bn, bk, warps = 128, 128, 64, 8
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    split = 1
-    while tiles * split < 264 and k // (split * 2) >= 4 * bk:  # ~2 programs per SM on 132 SMs
-        split *= 2
-    return bm, bn, bk, warps, split, 3
+@triton.jit
+def _nvfp4_dequant_kernel(w_ptr, sf_ptr, out_ptr, N, K, ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """W[N, K] as bf16 `code x scale x 2^-8` values (exact), for the prefill path's BF16 GEMM."""
+    NB: tl.constexpr = BK // 16
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    kw = tl.program_id(1) * (BK // 8) + tl.arange(0, NB)[:, None] * 2 + tl.arange(0, 2)[None, :]
+    kb = tl.program_id(1) * NB + tl.arange(0, NB)
+    words = tl.load(w_ptr + rn[:, None, None] * (K // 8) + kw[None, :, :], mask=(rn < N)[:, None, None] & (kw < K // 8)[None, :, :], other=0)
+    sfb = tl.load(sf_ptr + rn[:, None] * (K // 16) + kb[None, :], mask=(rn < N)[:, None] & (kb < K // 16)[None, :], other=0).to(tl.int32)
+    w = tl.reshape(_decode_words(words, tl.broadcast_to(sfb[:, :, None], (BN, NB, 2)), ASM), (BN, BK))
+    kk = tl.program_id(1) * BK + tl.arange(0, BK)
+    tl.store(out_ptr + rn[:, None] * K + kk[None, :], w.to(tl.bfloat16), mask=(rn < N)[:, None] & (kk < K)[None, :])
 
 
 @dataclass
 class NVFP4Weight:
     """An NVFP4 Linear's tensors on the GPU, with its fp32 scalars precomputed on the same device
-    (alpha for each mode and 1/input_scale), so a call needs no host synchronization."""
+    (alpha for each mode and 1/input_scale) and on the host (the alphas, for cuBLAS), so a call needs
+    no host synchronization."""
 
     weight: torch.Tensor  # uint8 [N, K/2]
-    weight_scale: torch.Tensor  # E4M3 [N, K/16]
+    weight_scale: torch.Tensor  # E4M3 bits, uint8 [N, K/16]
     scalars: torch.Tensor  # fp32 [4]: ws2, input_scale * ws2, 1 / input_scale, 1
+    alphas: tuple[float, float] = (float("nan"), float("nan"))  # ws2, input_scale * ws2 (fp32 values)
 
     @classmethod
     def from_parts(cls, weight, weight_scale, weight_scale_2, input_scale=None) -> NVFP4Weight:
@@ -187,83 +258,158 @@ class NVFP4Weight:
                else torch.tensor(float("nan")))  # fmt: skip
         one = torch.tensor(1.0)
         scalars = torch.stack([ws2, isc * ws2, one / isc, one])  # divided on the CPU: exactly rounded
-        return cls(weight.contiguous(), weight_scale.contiguous().view(torch.uint8), scalars.to(weight.device))
+        return cls(weight.contiguous(), weight_scale.contiguous().view(torch.uint8), scalars.to(weight.device),
+                   (float(scalars[0]), float(scalars[1])))  # fmt: skip
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.weight.shape[0], self.weight.shape[1] * 2
 
 
-@triton.jit
-def _splitk_reduce_kernel(part_ptr, out_ptr, scalars_ptr, MN, SPLIT: tl.constexpr, ALPHA_IDX: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLIT):  # a fixed order: deterministic
-        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, (acc * tl.load(scalars_ptr + ALPHA_IDX)).to(out_ptr.dtype.element_ty), mask=mask)
+# Up to this many rows of activations the GEMV kernel runs; above, the weight is dequantized to a
+# transient BF16 copy and cuBLAS multiplies (BENCHMARKS.md, "NVFP4 linear, third version").
+GEMV_MAX_M = 64
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Per-tile arrival counters for the one-launch split-K (zero between calls: the last program of a
+    tile resets its counter), one buffer per device and stream."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
+def _gemv_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
+    """(BM, BN, BK, warps, K splits, stages) for the GEMV kernel: K split so the grid fills the GPU."""
+    if interpreting():
+        return 16, 16, 32, 4, (2 if k >= 64 else 1), 1
+    bm = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
+    bn, bk, warps = 128, 64, 4
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = 1
+    while tiles * split < 264 and k // (split * 2) >= 2 * bk:  # ~2 programs per SM on 132 SMs
+        split *= 2
+    return bm, bn, bk, warps, split, 3
+
+
+def nvfp4_dequantize(w: NVFP4Weight) -> torch.Tensor:
+    """The weight as bf16 `code x block scale x 2^-8` values [N, K] (exact; alpha and 2^8 not applied)."""
+    n, k = w.shape
+    out = torch.empty(n, k, dtype=torch.bfloat16, device=w.weight.device)
+    bn, bk = (16, 32) if interpreting() else (64, 128)
+    _nvfp4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        w.weight.view(torch.int32), w.weight_scale, out, n, k, ASM=not interpreting(), BN=bn, BK=bk)
+    return out
 
 
 def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype: torch.dtype = torch.bfloat16,
                  config: tuple[int, ...] | None = None) -> torch.Tensor:  # fmt: skip
-    """`x @ W.T` for an NVFP4 weight. `out_dtype=torch.float32` keeps the fp32 accumulator
-    (for checking against fp64); `config` = (BM, BN, BK, warps, splits, stages) overrides the tiling."""
+    """`x @ W.T` for an NVFP4 weight. `w4a4` first rounds the activations to NVFP4 with Blackwell's
+    recipe (exact bf16 `code x scale` values), then both modes multiply the same way: up to GEMV_MAX_M
+    rows with the GEMV kernel, above with a transient BF16 copy of the weight and cuBLAS (fp32
+    accumulation, alpha in fp32). `out_dtype=torch.float32` keeps the fp32 accumulator (for checking
+    against fp64); `config` = (BM, BN, BK, warps, splits, stages) forces the GEMV kernel's tiling."""
     if mode not in ("w4a16", "w4a4"):
         raise ValueError(f"mode must be w4a16 or w4a4, not {mode!r}")
     *lead, K = x.shape
     N = w.weight.shape[0]
+    if K % 16 or w.shape[1] != K:
+        raise ValueError(f"activations have {K} columns; the NVFP4 weight needs {w.shape[1]} (a multiple of 16)")
     a = x.reshape(-1, K)
     if a.dtype != torch.bfloat16 or not a.is_contiguous():
         a = a.to(torch.bfloat16).contiguous()
+    if mode == "w4a4":
+        a = nvfp4_fake_quantize(a, w.scalars[1:])
     M = a.shape[0]
-    bm, bn, bk, warps, split, stages = config or _blocks(M, N, K)
+    idx = 0 if mode == "w4a16" else 1
+    if config is None and M > GEMV_MAX_M and not interpreting():
+        return _cublas(a, w, idx, out_dtype).reshape(*lead, N)
+    bm, bn, bk, warps, split, stages = config or _gemv_blocks(M, N, K)
     per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    split = triton.cdiv(K, per_split)
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
-    target = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    # scalars: [ws2, input_scale * ws2, 1 / input_scale, 1]; the kernel reads alpha at 0 and gs at 1,
-    # so pass the matching view for the mode
-    scalars = w.scalars[0:] if mode == "w4a16" else w.scalars[1:]
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
-    _nvfp4_linear_kernel[grid](
-        a, w.weight, w.weight_scale, target, scalars,
-        M, N, K, per_split, a.stride(0), out.stride(0),
-        W4A4=mode == "w4a4", APPROX=not interpreting(), DOT_FP32=interpreting(),
-        BM=bm, BN=bn, BK=bk, SPLIT=split, num_warps=warps, num_stages=stages,
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
+    parts = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
+    counters = _counters(x.device, grid[0] * grid[1]) if split > 1 else out
+    _nvfp4_gemv_kernel[grid](
+        a, w.weight.view(torch.int32), w.weight_scale, out, parts, counters, w.scalars,
+        M, N, K, per_split, a.stride(0), out.stride(0), split,
+        ALPHA_IDX=idx, ASM=not interpreting(), EVEN_K=K % bk == 0, EVEN_N=N % bn == 0,
+        BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if split > 1:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](target, out, scalars, M * N, SPLIT=split, ALPHA_IDX=0, BLOCK=block)
     return out.reshape(*lead, N)
 
 
+def _cublas(a: torch.Tensor, w: NVFP4Weight, idx: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Prefill: the dequantized weight through cuBLAS, fp32 accumulation and alpha (x 2^8) in fp32."""
+    wd = nvfp4_dequantize(w)
+    alpha = w.alphas[idx] * 256.0
+    flags = torch.backends.cuda.matmul
+    keep = flags.allow_bf16_reduced_precision_reduction
+    flags.allow_bf16_reduced_precision_reduction = False  # fp32 sums only
+    try:
+        if out_dtype == torch.float32:
+            return torch.mm(a, wd.T, out_dtype=torch.float32).mul_(alpha)
+        out = torch.empty(a.shape[0], wd.shape[0], dtype=out_dtype, device=a.device)
+        return torch.addmm(out, a, wd.T, beta=0.0, alpha=alpha, out=out)
+    finally:
+        flags.allow_bf16_reduced_precision_reduction = keep
+
+
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, sf_ptr, scalars_ptr, M, K, APPROX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+def _act_quant_kernel(x_ptr, q_ptr, sf_ptr, scalars_ptr, M, K, FAKE: tl.constexpr, APPROX: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """Blackwell's NVFP4 activation quantization of a [BM, BK] tile: packed codes and E4M3 scale bits,
+    or (FAKE) the exact bf16 `code x scale` values the MMA is fed."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rk = tl.program_id(1) * BK + tl.arange(0, BK)
     mask = (rm[:, None] < M) & (rk[None, :] < K)
     x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
     gs = tl.load(scalars_ptr + 1)
     x3 = tl.reshape(x, (BM, BK // 16, 16))
-    sf_bits, _, out_scale = _act_scales(tl.max(tl.abs(x3), axis=2), gs, _rcp(gs, APPROX), APPROX)
+    sf_bits, sf, out_scale = _act_scales(tl.max(tl.abs(x3), axis=2), gs, _rcp(gs, APPROX), APPROX)
     codes = _e2m1(x3 * out_scale[:, :, None])
-    lo, hi = tl.split(tl.reshape(codes, (BM, BK // 2, 2)))
-    rkh = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
-    tl.store(q_ptr + rm[:, None] * (K // 2) + rkh[None, :], lo | (hi << 4), mask=(rm[:, None] < M) & (rkh[None, :] < K // 2))
-    rks = tl.program_id(1) * (BK // 16) + tl.arange(0, BK // 16)
-    tl.store(sf_ptr + rm[:, None] * (K // 16) + rks[None, :], sf_bits, mask=(rm[:, None] < M) & (rks[None, :] < K // 16))
+    if FAKE:
+        values = _fp4_bits_to_f32(codes) * (sf * 16384.0)[:, :, None]
+        tl.store(q_ptr + rm[:, None] * K + rk[None, :], tl.reshape(values, (BM, BK)).to(tl.bfloat16), mask=mask)
+    else:
+        lo, hi = tl.split(tl.reshape(codes, (BM, BK // 2, 2)))
+        rkh = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
+        tl.store(q_ptr + rm[:, None] * (K // 2) + rkh[None, :], lo | (hi << 4), mask=(rm[:, None] < M) & (rkh[None, :] < K // 2))
+        rks = tl.program_id(1) * (BK // 16) + tl.arange(0, BK // 16)
+        tl.store(sf_ptr + rm[:, None] * (K // 16) + rks[None, :], sf_bits, mask=(rm[:, None] < M) & (rks[None, :] < K // 16))
+
+
+def _act_quant(a: torch.Tensor, scalars: torch.Tensor, fake: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    M, K = a.shape
+    bm, bk = (4, 32) if interpreting() else (16, 256)
+    if fake:
+        q, sf = torch.empty(M, K, dtype=torch.bfloat16, device=a.device), None
+    else:
+        q = torch.empty(M, K // 2, dtype=torch.uint8, device=a.device)
+        sf = torch.empty(M, K // 16, dtype=torch.uint8, device=a.device)
+    _act_quant_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](a, q, q if sf is None else sf, scalars, M, K, FAKE=fake,
+                                                                APPROX=not interpreting(), BM=bm, BK=bk)  # fmt: skip
+    return q, sf
+
+
+def nvfp4_fake_quantize(a: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
+    """bf16 activations [M, K] -> the exact bf16 `code x block scale` values Blackwell's recipe gives
+    them (the input scale not applied); `scalars[1]` is 1 / input_scale."""
+    return _act_quant(a, scalars, fake=True)[0]
 
 
 def nvfp4_quantize_activations(x: torch.Tensor, input_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Blackwell's NVFP4 activation quantization as the w4a4 linear does it: packed codes, E4M3 scales."""
     K = x.shape[-1]
     a = x.reshape(-1, K).to(torch.bfloat16).contiguous()
-    M = a.shape[0]
     isc = input_scale.detach().float().reshape(()).cpu()
     scalars = torch.stack([isc, torch.tensor(1.0) / isc]).to(x.device)
-    q = torch.empty(M, K // 2, dtype=torch.uint8, device=x.device)
-    sf = torch.empty(M, K // 16, dtype=torch.uint8, device=x.device)
-    bm, bk = (4, 32) if interpreting() else (16, 256)
-    _act_quant_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](a, q, sf, scalars, M, K, APPROX=not interpreting(), BM=bm, BK=bk)
+    q, sf = _act_quant(a, scalars, fake=False)
     return q.reshape(*x.shape[:-1], K // 2), sf.view(torch.float8_e4m3fn).reshape(*x.shape[:-1], K // 16)
 
 

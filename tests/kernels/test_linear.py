@@ -6,6 +6,9 @@ import torch
 from stepquant.formats import FORMATS
 from stepquant.kernels.linear import (
     NVFP4Weight,
+    dequantize_nvfp4,
+    nvfp4_dequantize,
+    nvfp4_fake_quantize,
     nvfp4_linear,
     nvfp4_linear_reference,
     nvfp4_quantize_activations,
@@ -27,7 +30,7 @@ def _rel(a, b):
     return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())
 
 
-@pytest.mark.parametrize("n, k", [(48, 64), (32, 96)])
+@pytest.mark.parametrize("n, k", [(48, 64), (32, 96), (24, 80)])
 def test_w4a16_matches_reference(device, n, k):
     p, x, _ = _layer(n, k, 0, device)
     w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"])
@@ -59,3 +62,41 @@ def test_w4a4_matches_fp64_reference(device, n, k):
     assert _rel(out32, ref) < 1e-5  # exact products; only the fp32 summation order differs
     out = nvfp4_linear(x, w, mode="w4a4")
     assert out.dtype == torch.bfloat16 and _rel(out, ref) < 1e-2
+
+
+def test_split_k_is_deterministic_and_rearms(device):
+    """The last program of a tile adds the K parts in a fixed order and resets its counter: repeated
+    calls give the same bits."""
+    p, x, _ = _layer(40, 128, 3, device)
+    w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"])
+    first = nvfp4_linear(x, w, out_dtype=torch.float32)
+    for _ in range(3):
+        assert torch.equal(nvfp4_linear(x, w, out_dtype=torch.float32), first)
+
+
+def test_dequantize_gives_exact_values_over_256(device):
+    p, _, _ = _layer(24, 96, 4, device)
+    p["weight_scale"][0, 0] = torch.tensor(2.0**-9).to(torch.float8_e4m3fn)  # a subnormal E4M3 scale
+    w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"])
+    ref = dequantize_nvfp4(p["weight"].cpu(), p["weight_scale"].cpu(), 1.0) / 256
+    assert torch.equal(nvfp4_dequantize(w).cpu().double(), ref)
+
+
+def test_fake_quantized_activations_are_the_recipes_values(device):
+    _, x, isc = _layer(16, 64, 5, device)
+    scalars = torch.tensor([float(isc), 1.0 / float(isc)], device=device)
+    q, sf = nvfp4_quantize_activations(x, isc)
+    assert torch.equal(nvfp4_fake_quantize(x, scalars).cpu().double(), dequantize_nvfp4(q.cpu(), sf.cpu(), 1.0))
+
+
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+def test_many_rows_match_reference(device, mode):
+    """Above GEMV_MAX_M rows the GPU dequantizes the weight and multiplies with cuBLAS."""
+    g = torch.Generator().manual_seed(6)
+    p, _, _ = _layer(48, 64, 6, device)
+    x = (torch.randn(80, 64, generator=g) * 1.5).to(torch.bfloat16).to(device)
+    isc = FORMATS["nvfp4"].input_scale(x.float().abs().amax())
+    w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc)
+    ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode=mode)
+    assert _rel(nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32), ref) < 1e-5
+    assert _rel(nvfp4_linear(x, w, mode=mode), ref) < 1e-2
