@@ -20,7 +20,7 @@ from stepquant.formats import unpack_nibbles
 from stepquant.kernels.linear import (
     GEMV_MAX_M,
     NVFP4Weight,
-    _cublas,
+    _dequant_matmul,
     _gemv_blocks,
     nvfp4_linear,
     nvfp4_linear_reference,
@@ -80,9 +80,9 @@ def sweep() -> list[dict]:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             bf = graph_time(lambda i: x @ ws[i % c16].T, reps=max(20, c16))
             bm = 8 if m <= 8 else 16
-            for bn, bk, warps in ((64, 64, 4), (128, 64, 4), (128, 128, 4), (256, 64, 8), (128, 64, 8), (256, 128, 8)):
-                for fill in (132, 264, 528):
-                    for stages in (3, 4):
+            for bn, bk, warps in ((32, 64, 2), (64, 64, 2), (64, 64, 4), (128, 64, 4), (64, 128, 4), (32, 128, 2), (128, 128, 4)):
+                for fill in (264, 528):
+                    for stages in (3, 4, 6):
                         cfg = (bm, bn, bk, warps, _split(m, n, k, bm, bn, bk, fill), stages)
                         try:
                             ms = graph_time(lambda i: nvfp4_linear(x, lins[i % c4], "w4a16", config=cfg), reps=max(20, c4))
@@ -95,7 +95,7 @@ def sweep() -> list[dict]:
             bf = graph_time(lambda i: x @ ws[i % c16].T, reps=max(20, c16))
             cfg = _gemv_blocks(m, n, k)
             g = graph_time(lambda i: nvfp4_linear(x, lins[i % c4], "w4a16", config=cfg), reps=max(20, c4))
-            c = graph_time(lambda i: _cublas(x, lins[i % c4], 0, torch.bfloat16), reps=max(20, c4))
+            c = graph_time(lambda i: _dequant_matmul(x, lins[i % c4], 0, torch.bfloat16), reps=max(20, c4))
             rows.append({"shape": name, "M": m, "crossover": True, "gemv_ms": g, "cublas_ms": c, "bf16_ms": bf})
     return rows
 
@@ -103,17 +103,18 @@ def sweep() -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--sweep-only", action="store_true")
     args = ap.parse_args()
     dev = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
     print(f"{dev.name}, torch {torch.__version__}, triton {triton.__version__}; copy {bw / 1e12:.2f} TB/s")
-    acc = accuracy()
+    acc = [] if args.sweep_only else accuracy()
     print("\n| shape | M | mode | path | rel. error vs fp64 (fp32 out) | (bf16 out) | act. codes moved by rcp.approx |\n|---|---|---|---|---|---|---|")
     for r in acc:
         moved = r["act_codes_moved_by_rcp_approx"]
         print(f"| {r['shape']} | {r['M']} | {r['mode']} | {r['path']} | {r['rel_err_vs_fp64']:.2e} | {r['rel_err_bf16_out']:.2e} "
               f"| {'-' if moved is None else f'{moved:.1e}'} |")
-    sp = bench_linear("step3p7", bandwidth=bw)
+    sp = [] if args.sweep_only else bench_linear("step3p7", bandwidth=bw)
     print("\n| shape | M | mode | ms | torch bf16 ms | x bf16 | GB/s | % roofline | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|")
     for r in sp:
         print(f"| {r['shape']} | {r['M']} | {r['mode']} | {r['ms']:.4f} | {r['bf16_ms']:.4f} | {r['speedup_vs_bf16']:.2f} "

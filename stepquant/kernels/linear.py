@@ -61,48 +61,27 @@ def _fp4_bits_to_f32(code):
 
 
 @triton.jit
-def _w_tile(w_ptr, sf_ptr, rows, rmask, k0, K, WFMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Even and odd K columns ([BN, BK/2] each, fp32) of a row-major weight tile: NVFP4 (WFMT 0) as exact
-    `code x block scale` values, BF16 (1) and FP8 bits (2) as stored."""
+def _w_tile(w_ptr, rows, rmask, k0, K, WFMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Even and odd K columns ([BN, BK/2] each, fp32) of a row-major BF16 (WFMT 1) or FP8 (2) weight
+    tile (the fused MoE's reference formats; NVFP4 goes through `_nvfp4_tile`)."""
     HK: tl.constexpr = BK // 2
-    if WFMT == 0:
-        rkh = k0 // 2 + tl.arange(0, HK)  # byte (= column pair) index
-        packed = tl.load(w_ptr + rows[:, None] * (K // 2) + rkh[None, :], mask=rmask[:, None] & (rkh[None, :] < K // 2), other=0)
-        rks = k0 // 16 + tl.arange(0, BK // 16)
-        sfw = _e4m3_value(tl.load(sf_ptr + rows[:, None] * (K // 16) + rks[None, :],
-                                  mask=rmask[:, None] & (rks[None, :] < K // 16), other=0)) * 16384.0  # fmt: skip
-        sfw = tl.reshape(tl.broadcast_to(sfw[:, :, None], (BN, BK // 16, 8)), (BN, HK))
-        w_even = _fp4_bits_to_f32(packed & 15) * sfw
-        w_odd = _fp4_bits_to_f32(packed >> 4) * sfw
-    else:
-        rk = k0 + tl.arange(0, BK)
-        w = tl.load(w_ptr + rows[:, None] * K + rk[None, :], mask=rmask[:, None] & (rk[None, :] < K), other=0)
-        if WFMT == 2:
-            wf = _e4m3_value(w & 0x7F)
-            w = tl.where((w & 0x80) != 0, -wf, wf)
-        w_even, w_odd = tl.split(tl.reshape(w.to(tl.float32), (BN, HK, 2)))
-    return w_even, w_odd
+    rk = k0 + tl.arange(0, BK)
+    w = tl.load(w_ptr + rows[:, None] * K + rk[None, :], mask=rmask[:, None] & (rk[None, :] < K), other=0)
+    if WFMT == 2:
+        wf = _e4m3_value(w & 0x7F)
+        w = tl.where((w & 0x80) != 0, -wf, wf)
+    return tl.split(tl.reshape(w.to(tl.float32), (BN, HK, 2)))
 
 
 @triton.jit
-def _a_tile(a_ptr, rows, rmask, stride, k0, K, gs, rcp_gs, isc, AQ: tl.constexpr, APPROX: tl.constexpr,
-            BM: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+def _a_tile(a_ptr, rows, rmask, stride, k0, K, isc, AQ: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     """Even and odd K columns ([BM, BK/2] each, fp32) of an activation tile, as the MMA sees them: as
-    given (AQ 0), NVFP4-quantized with Blackwell's recipe and dequantized exactly (1), or FP8-quantized
-    with the static scale `isc` (2)."""
+    given (AQ 0) or FP8-quantized with the static scale `isc` (2)."""
     HK: tl.constexpr = BK // 2
     rk = k0 + tl.arange(0, BK)
     a = tl.load(a_ptr + rows[:, None] * stride + rk[None, :], mask=rmask[:, None] & (rk[None, :] < K), other=0.0)
     a_even, a_odd = tl.split(tl.reshape(a.to(tl.float32), (BM, HK, 2)))
-    if AQ == 1:
-        e3 = tl.reshape(a_even, (BM, BK // 16, 8))
-        o3 = tl.reshape(a_odd, (BM, BK // 16, 8))
-        vmax = tl.maximum(tl.max(tl.abs(e3), axis=2), tl.max(tl.abs(o3), axis=2))
-        _, sfa, out_scale = _act_scales(vmax, gs, rcp_gs, APPROX)
-        sfa16 = sfa * 16384.0
-        a_even = tl.reshape(_fp4_bits_to_f32(_e2m1(e3 * out_scale[:, :, None])) * sfa16[:, :, None], (BM, HK))
-        a_odd = tl.reshape(_fp4_bits_to_f32(_e2m1(o3 * out_scale[:, :, None])) * sfa16[:, :, None], (BM, HK))
-    elif AQ == 2:
+    if AQ == 2:
         _, a_even = _e4m3_rne(tl.minimum(tl.maximum(tl.math.div_rn(a_even, isc), -448.0), 448.0))
         _, a_odd = _e4m3_rne(tl.minimum(tl.maximum(tl.math.div_rn(a_odd, isc), -448.0), 448.0))
     return a_even, a_odd
@@ -169,46 +148,51 @@ def _decode_words(words, sfb, ASM: tl.constexpr):
 
 
 @triton.jit
+def _nvfp4_tile(w_ptr, sf_ptr, rows, rmask, k0, K, ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Rows `rows` x columns [k0, k0 + BK) of an NVFP4 weight (int32 words [N, K/8], scales as int32
+    words of four [N, K/64]) -> [BN, BK] values `code x scale x 2^-8` (K, k0 multiples of 64)."""
+    NB: tl.constexpr = BK // 16
+    kw = tl.multiple_of(k0, 64) // 8 + tl.arange(0, 2 * NB)
+    words = tl.load(w_ptr + rows[:, None] * tl.multiple_of(K // 8, 8) + kw[None, :], mask=rmask[:, None], other=0)
+    ks = k0 // 64 + tl.arange(0, BK // 64)
+    sw = tl.load(sf_ptr + rows[:, None] * (K // 64) + ks[None, :], mask=rmask[:, None], other=0)
+    sfb = tl.reshape((sw[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF, (BN, NB))  # block j: byte j % 4
+    w = _decode_words(tl.reshape(words, (BN, NB, 2)), tl.broadcast_to(sfb[:, :, None], (BN, NB, 2)), ASM)
+    return tl.reshape(w, (BN, BK))
+
+
+@triton.jit
+def _mma_t(acc, w, a, ASM: tl.constexpr):
+    """acc [BN, BM] + w [BN, BK] @ a[BM, BK].T (fp32 operands under the interpreter)."""
+    if ASM:
+        return tl.dot(w, tl.trans(a), acc)
+    return tl.dot(w, tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
+
+
+@triton.jit
 def _nvfp4_gemv_kernel(
     a_ptr, w_ptr, sf_ptr, out_ptr, part_ptr, count_ptr, scalars_ptr,
     M, N, K, K_PER_SPLIT, stride_am, stride_om, SPLIT,
-    ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, EVEN_N: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """out[M, N] = alpha * a[M, K] @ W.T for few rows of `a` (decode). The weight is the MMA's first
-    operand (its rows on the MMA's M side, tokens on N), decoded from whole int32 words straight into the
-    operand's registers. With SPLIT > 1 each program sums one K range into part_ptr; the last program
+    """out[M, N] = alpha * a[M, K] @ W.T for few rows of `a` (decode), K a multiple of BK (itself a
+    multiple of 64). The weight is the MMA's first operand (its rows on the MMA's M side, tokens on N),
+    decoded from whole int32 words straight into the operand's registers; the scales are read four
+    blocks to an int32. With SPLIT > 1 each program sums one K range into part_ptr; the last program
     of a tile to finish (a counter per tile) adds the parts up in a fixed order: deterministic, one
     launch. Weight values carry 2^-8 (see _DECODE_PTX), taken back out with alpha."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    NB: tl.constexpr = BK // 16
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     nmask = (rn < N) | EVEN_N  # EVEN_N: no row falls outside
-    wi = tl.arange(0, NB)[:, None] * 2 + tl.arange(0, 2)[None, :]  # word index within the tile
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for k0 in range(pid_k * K_PER_SPLIT, tl.minimum((pid_k + 1) * K_PER_SPLIT, K), BK):
-        kw = k0 // 8 + wi
-        kb = k0 // 16 + tl.arange(0, NB)
-        kk = k0 + tl.arange(0, BK)
-        if EVEN_K:
-            wmask = nmask[:, None, None]
-            smask = nmask[:, None]
-            amask = rm[None, :] < M
-        else:
-            wmask = nmask[:, None, None] & (kw < K // 8)[None, :, :]
-            smask = nmask[:, None] & (kb < K // 16)[None, :]
-            amask = (rm[None, :] < M) & (kk < K)[:, None]
-        words = tl.load(w_ptr + rn[:, None, None] * (K // 8) + kw[None, :, :], mask=wmask, other=0)
-        sfb = tl.load(sf_ptr + rn[:, None] * (K // 16) + kb[None, :], mask=smask, other=0).to(tl.int32)
-        w = tl.reshape(_decode_words(words, tl.broadcast_to(sfb[:, :, None], (BN, NB, 2)), ASM), (BN, BK))
-        a = tl.load(a_ptr + rm[None, :] * stride_am + kk[:, None], mask=amask, other=0.0)
-        if ASM:
-            acc = tl.dot(w, a, acc)
-        else:
-            acc = tl.dot(w, a.to(tl.float32), acc, input_precision="ieee")
+        w = _nvfp4_tile(w_ptr, sf_ptr, rn, nmask, k0, K, ASM, BN, BK)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + k0 + tl.arange(0, BK)[None, :], mask=rm[:, None] < M, other=0.0)
+        acc = _mma_t(acc, w, a, ASM)
     omask = (rn[:, None] < N) & (rm[None, :] < M)
     alpha = tl.load(scalars_ptr + ALPHA_IDX) * 256.0
     optrs = out_ptr + rm[None, :] * stride_om + rn[:, None]
@@ -229,15 +213,11 @@ def _nvfp4_gemv_kernel(
 @triton.jit
 def _nvfp4_dequant_kernel(w_ptr, sf_ptr, out_ptr, N, K, ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """W[N, K] as bf16 `code x scale x 2^-8` values (exact), for the prefill path's BF16 GEMM."""
-    NB: tl.constexpr = BK // 16
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    kw = tl.program_id(1) * (BK // 8) + tl.arange(0, NB)[:, None] * 2 + tl.arange(0, 2)[None, :]
-    kb = tl.program_id(1) * NB + tl.arange(0, NB)
-    words = tl.load(w_ptr + rn[:, None, None] * (K // 8) + kw[None, :, :], mask=(rn < N)[:, None, None] & (kw < K // 8)[None, :, :], other=0)
-    sfb = tl.load(sf_ptr + rn[:, None] * (K // 16) + kb[None, :], mask=(rn < N)[:, None] & (kb < K // 16)[None, :], other=0).to(tl.int32)
-    w = tl.reshape(_decode_words(words, tl.broadcast_to(sfb[:, :, None], (BN, NB, 2)), ASM), (BN, BK))
-    kk = tl.program_id(1) * BK + tl.arange(0, BK)
-    tl.store(out_ptr + rn[:, None] * K + kk[None, :], w.to(tl.bfloat16), mask=(rn < N)[:, None] & (kk < K)[None, :])
+    k0 = tl.program_id(1) * BK
+    w = _nvfp4_tile(w_ptr, sf_ptr, rn, rn < N, k0, K, ASM, BN, BK)
+    kk = k0 + tl.arange(0, BK)
+    tl.store(out_ptr + rn[:, None] * K + kk[None, :], w.to(tl.bfloat16), mask=(rn < N)[:, None])
 
 
 @dataclass
@@ -266,8 +246,9 @@ class NVFP4Weight:
         return self.weight.shape[0], self.weight.shape[1] * 2
 
 
-# Up to this many rows of activations the GEMV kernel runs; above, the weight is dequantized to a
-# transient BF16 copy and cuBLAS multiplies (BENCHMARKS.md, "NVFP4 linear, third version").
+# Up to this many rows of activations (and K a multiple of 64) the GEMV kernel runs; otherwise the weight
+# is dequantized to a transient BF16 copy and cuBLAS multiplies (BENCHMARKS.md, "NVFP4 linear, third
+# version").
 GEMV_MAX_M = 64
 
 _COUNTERS: dict[tuple, torch.Tensor] = {}
@@ -286,7 +267,7 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 def _gemv_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
     """(BM, BN, BK, warps, K splits, stages) for the GEMV kernel: K split so the grid fills the GPU."""
     if interpreting():
-        return 16, 16, 32, 4, (2 if k >= 64 else 1), 1
+        return 16, 16, 64, 4, (2 if k >= 128 else 1), 1
     bm = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
     bn, bk, warps = 128, 64, 4
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -299,10 +280,13 @@ def _gemv_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
 def nvfp4_dequantize(w: NVFP4Weight) -> torch.Tensor:
     """The weight as bf16 `code x block scale x 2^-8` values [N, K] (exact; alpha and 2^8 not applied)."""
     n, k = w.shape
+    if k % 64:  # the kernel reads whole 64-column tiles; the plain-torch values are the same
+        return (dequantize_nvfp4(w.weight, w.weight_scale.view(torch.float8_e4m3fn), 1.0, torch.float32) / 256).to(torch.bfloat16)
     out = torch.empty(n, k, dtype=torch.bfloat16, device=w.weight.device)
-    bn, bk = (16, 32) if interpreting() else (64, 128)
-    _nvfp4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
-        w.weight.view(torch.int32), w.weight_scale, out, n, k, ASM=not interpreting(), BN=bn, BK=bk)
+    bn, bk = (16, 64) if interpreting() else (64, 128)
+    bk = bk if k % bk == 0 else 64
+    _nvfp4_dequant_kernel[(triton.cdiv(n, bn), k // bk)](
+        w.weight.view(torch.int32), w.weight_scale.view(torch.int32), out, n, k, ASM=not interpreting(), BN=bn, BK=bk)
     return out
 
 
@@ -310,7 +294,7 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
                  config: tuple[int, ...] | None = None) -> torch.Tensor:  # fmt: skip
     """`x @ W.T` for an NVFP4 weight. `w4a4` first rounds the activations to NVFP4 with Blackwell's
     recipe (exact bf16 `code x scale` values), then both modes multiply the same way: up to GEMV_MAX_M
-    rows with the GEMV kernel, above with a transient BF16 copy of the weight and cuBLAS (fp32
+    rows with the GEMV kernel, else with a transient BF16 copy of the weight and cuBLAS (fp32
     accumulation, alpha in fp32). `out_dtype=torch.float32` keeps the fp32 accumulator (for checking
     against fp64); `config` = (BM, BN, BK, warps, splits, stages) forces the GEMV kernel's tiling."""
     if mode not in ("w4a16", "w4a4"):
@@ -326,8 +310,8 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
         a = nvfp4_fake_quantize(a, w.scalars[1:])
     M = a.shape[0]
     idx = 0 if mode == "w4a16" else 1
-    if config is None and M > GEMV_MAX_M and not interpreting():
-        return _cublas(a, w, idx, out_dtype).reshape(*lead, N)
+    if config is None and (M > GEMV_MAX_M or K % 64):
+        return _dequant_matmul(a, w, idx, out_dtype).reshape(*lead, N)
     bm, bn, bk, warps, split, stages = config or _gemv_blocks(M, N, K)
     per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     split = triton.cdiv(K, per_split)
@@ -336,18 +320,21 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     parts = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
     counters = _counters(x.device, grid[0] * grid[1]) if split > 1 else out
     _nvfp4_gemv_kernel[grid](
-        a, w.weight.view(torch.int32), w.weight_scale, out, parts, counters, w.scalars,
+        a, w.weight.view(torch.int32), w.weight_scale.view(torch.int32), out, parts, counters, w.scalars,
         M, N, K, per_split, a.stride(0), out.stride(0), split,
-        ALPHA_IDX=idx, ASM=not interpreting(), EVEN_K=K % bk == 0, EVEN_N=N % bn == 0,
+        ALPHA_IDX=idx, ASM=not interpreting(), EVEN_N=N % bn == 0,
         BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out.reshape(*lead, N)
 
 
-def _cublas(a: torch.Tensor, w: NVFP4Weight, idx: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """Prefill: the dequantized weight through cuBLAS, fp32 accumulation and alpha (x 2^8) in fp32."""
+def _dequant_matmul(a: torch.Tensor, w: NVFP4Weight, idx: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Prefill (and K not a multiple of 64): the dequantized weight through cuBLAS, fp32 accumulation
+    and alpha (x 2^8) in fp32; on the CPU (the interpreter) an fp32 matmul of the same values."""
     wd = nvfp4_dequantize(w)
     alpha = w.alphas[idx] * 256.0
+    if not a.is_cuda:
+        return (a.float() @ wd.float().T * alpha).to(out_dtype)
     flags = torch.backends.cuda.matmul
     keep = flags.allow_bf16_reduced_precision_reduction
     flags.allow_bf16_reduced_precision_reduction = False  # fp32 sums only

@@ -16,9 +16,9 @@ import triton.language as tl
 
 from . import interpreting
 from .quantize import _bf16_rne
-from .linear import _a_tile, _mma, _rcp, _w_tile, blackwell_activations, dequantize_nvfp4
+from .linear import _a_tile, _mma, _mma_t, _nvfp4_tile, _w_tile, blackwell_activations, dequantize_nvfp4, nvfp4_fake_quantize
 
-WFMTS = {"nvfp4": 0, "bf16": 1, "fp8": 2}
+WFMTS = {"bf16": 1, "fp8": 2}  # the reference kernel's weight formats
 
 
 @dataclass
@@ -71,11 +71,56 @@ def _scalars(weight_scale, input_scale, n_experts: int, device) -> torch.Tensor:
 
 
 @triton.jit
-def _moe_gemm_kernel(
+def _moe_nvfp4_kernel(
     a_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, ids_ptr, block_expert_ptr, topk_w_ptr,
+    N, K, stride_a, TOPK, limit, ALPHA_IDX,
+    GATHER: tl.constexpr, GLU: tl.constexpr, HAS_LIMIT: tl.constexpr, WEIGHTED: tl.constexpr,
+    ASM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """`_moe_gemm_kernel` for NVFP4 experts, the way the linear GEMV does it: the expert's rows on the
+    MMA's M side, decoded from int32 words into the operand registers, the routed pairs on N;
+    activations arrive as given (w4a16) or already rounded to their NVFP4 values (w4a4)."""
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_b)
+    if e < 0:
+        return
+    ids = tl.load(ids_ptr + pid_b * BM + tl.arange(0, BM))
+    valid = ids >= 0
+    rows = ids // TOPK if GATHER else ids
+    rn = pid_n * BN + tl.arange(0, BN)
+    nmask = rn < N
+    NW = 2 * N if GLU else N
+    e64 = e.to(tl.int64)
+    w_e = w_ptr + e64 * NW * (K // 8)
+    sf_e = sf_ptr + e64 * NW * (K // 64)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    acc_up = tl.zeros((BN, BM), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        a = tl.load(a_ptr + rows[:, None] * stride_a + k0 + tl.arange(0, BK)[None, :], mask=valid[:, None], other=0.0)
+        acc = _mma_t(acc, _nvfp4_tile(w_e, sf_e, rn, nmask, k0, K, ASM, BN, BK), a, ASM)
+        if GLU:
+            acc_up = _mma_t(acc_up, _nvfp4_tile(w_e, sf_e, rn + N, nmask, k0, K, ASM, BN, BK), a, ASM)
+    alpha = tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0
+    y = acc * alpha
+    if GLU:
+        up = acc_up * alpha
+        y = y * tl.sigmoid(y)
+        if HAS_LIMIT:
+            y = tl.minimum(y, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        y = _bf16_rne(y * up)
+    if WEIGHTED:
+        y = y * tl.load(topk_w_ptr + ids, mask=valid, other=0.0)[None, :]
+    tl.store(out_ptr + ids[None, :] * N + rn[:, None], y.to(out_ptr.dtype.element_ty), mask=valid[None, :] & nmask[:, None])
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, w_ptr, scalars_ptr, out_ptr, ids_ptr, block_expert_ptr, topk_w_ptr,
     N, K, stride_a, TOPK, limit,
     GATHER: tl.constexpr, GLU: tl.constexpr, HAS_LIMIT: tl.constexpr, WEIGHTED: tl.constexpr,
-    WFMT: tl.constexpr, AQ: tl.constexpr, APPROX: tl.constexpr, DOT_FP32: tl.constexpr,
+    WFMT: tl.constexpr, AQ: tl.constexpr, DOT_FP32: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """One [BM, BN] tile of one expert's rows. Row r of the block is routed pair `ids[r]` = t*TOPK + j
@@ -92,24 +137,17 @@ def _moe_gemm_kernel(
     rn = pid_n * BN + tl.arange(0, BN)
     NW = 2 * N if GLU else N
     e64 = e.to(tl.int64)
-    if WFMT == 0:
-        w_e = w_ptr + e64 * NW * (K // 2)
-        sf_e = sf_ptr + e64 * NW * (K // 16)
-    else:
-        w_e = w_ptr + e64 * NW * K
-        sf_e = sf_ptr
+    w_e = w_ptr + e64 * NW * K
     alpha = tl.load(scalars_ptr + e * 4 + (1 if AQ != 0 else 0))
-    gs = tl.load(scalars_ptr + e * 4 + 2)
     isc = tl.load(scalars_ptr + e * 4 + 3)
-    rcp_gs = _rcp(gs, APPROX)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc_up = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        a_even, a_odd = _a_tile(a_ptr, rows, valid, stride_a, k0, K, gs, rcp_gs, isc, AQ, APPROX, BM, BK)
-        w_even, w_odd = _w_tile(w_e, sf_e, rn, rn < N, k0, K, WFMT, BN, BK)
+        a_even, a_odd = _a_tile(a_ptr, rows, valid, stride_a, k0, K, isc, AQ, BM, BK)
+        w_even, w_odd = _w_tile(w_e, rn, rn < N, k0, K, WFMT, BN, BK)
         acc = _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32)
         if GLU:
-            u_even, u_odd = _w_tile(w_e, sf_e, rn + N, rn < N, k0, K, WFMT, BN, BK)
+            u_even, u_odd = _w_tile(w_e, rn + N, rn < N, k0, K, WFMT, BN, BK)
             acc_up = _mma(acc_up, a_even, a_odd, u_even, u_odd, DOT_FP32)
     y = acc * alpha
     if GLU:
@@ -164,23 +202,46 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     inter = two_i // 2
     aq1, aq2 = _modes(gate_up, mode), _modes(down, mode)
     topk = topk_ids.shape[1]
-    bm, bn, bk, warps = config or _moe_blocks(T * topk)
+    nvfp4 = gate_up.fmt == down.fmt == "nvfp4"
+    if nvfp4 and (H % 64 or inter % 64):
+        raise ValueError(f"the NVFP4 fused MoE needs hidden ({H}) and intermediate ({inter}) sizes that are multiples of 64")
+    bm, bn, bk, warps = config or _moe_blocks(T * topk, nvfp4)
     ids, block_expert = route(topk_ids, E, bm)
     a = x.to(torch.bfloat16).contiguous()
     weights = topk_weights.float().reshape(-1).contiguous()
-    common = dict(APPROX=not interpreting(), DOT_FP32=interpreting(), BM=bm, BN=bn, BK=bk, num_warps=warps)
     h = torch.empty(T * topk, inter, dtype=torch.bfloat16, device=x.device)
-    sf1 = gate_up.weight_scale if gate_up.weight_scale is not None else gate_up.weight
+    y = torch.empty(T * topk, H, dtype=torch.float32, device=x.device)
+    limit_ = float(limit or 0.0)
+    if nvfp4:
+        # w4a4: the activations rounded to their NVFP4 values once, then the w4a16 kernel with alpha =
+        # input_scale x weight scale (one input scale per layer, so any expert's scalars serve)
+        common = dict(ASM=not interpreting(), BM=bm, BN=bn, BK=bk, num_warps=warps)
+        if aq1:
+            a = nvfp4_fake_quantize(a, gate_up.scalars[0, 1:])
+        _moe_nvfp4_kernel[(block_expert.numel(), triton.cdiv(inter, bn))](
+            a, gate_up.weight.view(torch.int32), gate_up.weight_scale.view(torch.int32), gate_up.scalars, h, ids,
+            block_expert, weights, inter, H, a.stride(0), topk, limit_, aq1,
+            GATHER=True, GLU=True, HAS_LIMIT=limit is not None, WEIGHTED=False, **common,
+        )  # fmt: skip
+        if aq2:
+            h = nvfp4_fake_quantize(h, down.scalars[0, 1:])
+        _moe_nvfp4_kernel[(block_expert.numel(), triton.cdiv(H, bn))](
+            h, down.weight.view(torch.int32), down.weight_scale.view(torch.int32), down.scalars, y, ids,
+            block_expert, weights, H, inter, h.stride(0), topk, 0.0, aq2,
+            GATHER=False, GLU=False, HAS_LIMIT=False, WEIGHTED=True, **common,
+        )  # fmt: skip
+        return y.view(T, topk, H).sum(1).to(out_dtype)
+    if gate_up.fmt != down.fmt:
+        raise ValueError(f"gate_up ({gate_up.fmt}) and down ({down.fmt}) experts must share a format")
+    common = dict(DOT_FP32=interpreting(), BM=bm, BN=bn, BK=bk, num_warps=warps)
     _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(inter, bn))](
-        a, gate_up.weight, sf1, gate_up.scalars, h, ids, block_expert, weights,
-        inter, H, a.stride(0), topk, float(limit or 0.0),
+        a, gate_up.weight, gate_up.scalars, h, ids, block_expert, weights,
+        inter, H, a.stride(0), topk, limit_,
         GATHER=True, GLU=True, HAS_LIMIT=limit is not None, WEIGHTED=False,
         WFMT=WFMTS[gate_up.fmt], AQ=aq1, **common,
     )  # fmt: skip
-    y = torch.empty(T * topk, H, dtype=torch.float32, device=x.device)
-    sf2 = down.weight_scale if down.weight_scale is not None else down.weight
     _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(H, bn))](
-        h, down.weight, sf2, down.scalars, y, ids, block_expert, weights,
+        h, down.weight, down.scalars, y, ids, block_expert, weights,
         H, inter, h.stride(0), topk, 0.0,
         GATHER=False, GLU=False, HAS_LIMIT=False, WEIGHTED=True,
         WFMT=WFMTS[down.fmt], AQ=aq2, **common,
@@ -188,11 +249,13 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     return y.view(T, topk, H).sum(1).to(out_dtype)
 
 
-def _moe_blocks(pairs: int) -> tuple[int, int, int, int]:
+def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int]:
     """(BM, BN, BK, warps) by the number of routed (token, expert) pairs (the best of a sweep on an
-    H100, BENCHMARKS.md)."""
+    H100, BENCHMARKS.md). NVFP4 experts: BN counts weight rows (the MMA's M side), BK a multiple of 64."""
     if interpreting():
-        return 16, 16, 32, 4
+        return (16, 16, 64, 4) if nvfp4 else (16, 16, 32, 4)
+    if nvfp4:
+        return (16, 64, 64, 4) if pairs <= 2048 else (64, 128, 64, 4)
     if pairs <= 2048:
         return 16, 32, 128, 4
     return 64, 128, 64, 8

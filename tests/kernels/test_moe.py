@@ -6,7 +6,7 @@ import torch
 from stepquant.formats import FORMATS
 from stepquant.kernels.moe import Experts, fused_moe, fused_moe_reference, route
 
-E, H, INTER, T, TOPK = 5, 64, 32, 7, 2
+E, H, INTER, T, TOPK = 5, 64, 64, 7, 2
 
 
 def _rel(a, b):
