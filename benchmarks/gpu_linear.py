@@ -104,6 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--sweep-only", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true")
     args = ap.parse_args()
     dev = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
@@ -119,7 +120,7 @@ def main() -> None:
     for r in sp:
         print(f"| {r['shape']} | {r['M']} | {r['mode']} | {r['ms']:.4f} | {r['bf16_ms']:.4f} | {r['speedup_vs_bf16']:.2f} "
               f"| {r['gb_s']:.0f} | {r['pct_copy']:.0f}% | {r['tflops']:.1f} |")
-    sw = sweep()
+    sw = [] if args.no_sweep else sweep()
     best = {}
     for r in sw:
         key = (r["shape"], r["M"])

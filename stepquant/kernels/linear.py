@@ -165,8 +165,10 @@ def _nvfp4_tile(w_ptr, sf_ptr, rows, rmask, k0, K, ASM: tl.constexpr, BN: tl.con
 def _mma_t(acc, w, a, ASM: tl.constexpr):
     """acc [BN, BM] + w [BN, BK] @ a[BM, BK].T (fp32 operands under the interpreter)."""
     if ASM:
-        return tl.dot(w, tl.trans(a), acc)
-    return tl.dot(w, tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
+        acc = tl.dot(w, tl.trans(a), acc)
+    else:
+        acc = tl.dot(w, tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -265,14 +267,16 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def _gemv_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
-    """(BM, BN, BK, warps, K splits, stages) for the GEMV kernel: K split so the grid fills the GPU."""
+    """(BM, BN, BK, warps, K splits, stages) for the GEMV kernel, from a sweep on an H100 (BENCHMARKS.md):
+    small tiles, K split until there are ~2 programs per SM."""
     if interpreting():
         return 16, 16, 64, 4, (2 if k >= 128 else 1), 1
     bm = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
-    bn, bk, warps = 128, 64, 4
+    bn, warps = (64, 4) if n * k >= 1 << 24 else (32, 2)
+    bk = 128 if k % 128 == 0 else 64
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split = 1
-    while tiles * split < 264 and k // (split * 2) >= 2 * bk:  # ~2 programs per SM on 132 SMs
+    while tiles * split < 264 and k // (split * 2) >= 2 * bk:  # 132 SMs
         split *= 2
     return bm, bn, bk, warps, split, 3
 

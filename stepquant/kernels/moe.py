@@ -162,10 +162,57 @@ def _moe_gemm_kernel(
     tl.store(out_ptr + ids[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (rn[None, :] < N))
 
 
+@triton.jit
+def _route_kernel(topk_ptr, ids_ptr, block_expert_ptr, scratch_ptr, P, E, N_IDS, N_BLOCKS,
+                  BM: tl.constexpr, PP: tl.constexpr, EP: tl.constexpr):  # fmt: skip
+    """`route` in one program (decode): per-expert counts by histogram, block starts by cumsum, pairs
+    sorted by (expert, pair) so that a pair's rank in its expert is its sorted position minus the
+    expert's first; then the pair ids and block experts are scattered (after -1 everywhere)."""
+    i = tl.arange(0, PP)
+    e = tl.load(topk_ptr + i, mask=i < P, other=EP - 1)  # padding pairs land in a bin past the experts
+    hist = tl.histogram(e, EP)
+    ex = tl.arange(0, EP)
+    blocks = tl.where(ex < E, (hist + BM - 1) // BM, 0)
+    block_start = tl.cumsum(blocks, 0) - blocks
+    tl.store(scratch_ptr + ex, block_start)
+    tl.store(scratch_ptr + EP + ex, tl.cumsum(hist, 0) - hist)
+    for off in range(0, N_IDS, PP):
+        tl.store(ids_ptr + off + i, -1, mask=off + i < N_IDS)
+    for off in range(0, N_BLOCKS, PP):
+        tl.store(block_expert_ptr + off + i, -1, mask=off + i < N_BLOCKS)
+    tl.debug_barrier()
+    key = tl.sort(e * PP + i)
+    pair = key % PP
+    expert = key // PP
+    ok = expert < E
+    start = tl.load(scratch_ptr + expert, mask=ok, other=0, cache_modifier=".cg")
+    rank = i - tl.load(scratch_ptr + EP + expert, mask=ok, other=0, cache_modifier=".cg")
+    tl.store(ids_ptr + start * BM + rank, pair, mask=ok)
+    tl.store(block_expert_ptr + start + rank // BM, expert, mask=ok)
+
+
+ROUTE_KERNEL_MAX_PAIRS = 4096  # up to this many (token, expert) pairs one program routes them
+
+
 def route(topk_ids: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed pairs sorted by expert in blocks of `bm` rows, with no host synchronization: (pair ids
-    [blocks * bm], -1 for padding; expert of each block [blocks], -1 past the last used block)."""
-    flat = topk_ids.reshape(-1).long()
+    [blocks * bm], -1 for padding; expert of each block [blocks], -1 past the last used block). One
+    kernel for decode-sized batches, torch ops above ROUTE_KERNEL_MAX_PAIRS."""
+    flat = topk_ids.reshape(-1)
+    tk = flat.numel()
+    max_blocks = triton.cdiv(tk, bm) + min(n_experts, tk)
+    if tk <= ROUTE_KERNEL_MAX_PAIRS:
+        pp, ep = triton.next_power_of_2(max(tk, 16)), triton.next_power_of_2(n_experts + 1)
+        ids = torch.empty(max_blocks * bm, dtype=torch.int32, device=flat.device)
+        block_expert = torch.empty(max_blocks, dtype=torch.int32, device=flat.device)
+        scratch = torch.empty(2 * ep, dtype=torch.int32, device=flat.device)
+        _route_kernel[(1,)](flat.to(torch.int32).contiguous(), ids, block_expert, scratch, tk, n_experts, ids.numel(),
+                            max_blocks, BM=bm, PP=pp, EP=ep, num_warps=4)  # fmt: skip
+        return ids, block_expert
+    return _route_torch(flat.long(), n_experts, bm, max_blocks)
+
+
+def _route_torch(flat: torch.Tensor, n_experts: int, bm: int, max_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     tk = flat.numel()
     counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
     blocks = (counts + bm - 1) // bm
@@ -174,7 +221,6 @@ def route(topk_ids: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor
     expert = flat[order]
     first = torch.cumsum(counts, 0) - counts
     pos = (block_end - blocks)[expert] * bm + torch.arange(tk, device=flat.device) - first[expert]
-    max_blocks = triton.cdiv(tk, bm) + min(n_experts, tk)
     ids = torch.full((max_blocks * bm,), -1, dtype=torch.int32, device=flat.device)
     ids[pos] = order.to(torch.int32)
     block_expert = torch.searchsorted(block_end, torch.arange(max_blocks, device=flat.device), right=True)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from stepquant.formats import FORMATS
+from stepquant.kernels import moe
 from stepquant.kernels.moe import Experts, fused_moe, fused_moe_reference, route
 
 E, H, INTER, T, TOPK = 5, 64, 64, 7, 2
@@ -56,6 +57,16 @@ def test_route_groups_pairs_by_expert_in_blocks():
         seen += rows
     assert sorted(seen) == list(range(8))
     assert block_expert.tolist()[:4] == [0, 1, 2, 2]  # expert order, expert 2's three pairs in two blocks
+
+
+@pytest.mark.parametrize("tokens, experts, bm", [(1, 288, 16), (7, 5, 16), (33, 40, 8), (64, 16, 16)])
+def test_route_kernel_equals_torch(device, monkeypatch, tokens, experts, bm):
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.rand(tokens, experts, generator=g).topk(min(8, experts), -1).indices.to(device)
+    kernel = route(ids, experts, bm)
+    monkeypatch.setattr(moe, "ROUTE_KERNEL_MAX_PAIRS", 0)
+    reference = route(ids, experts, bm)
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(kernel, reference))
 
 
 @pytest.mark.parametrize("limit", [None, 0.5])
