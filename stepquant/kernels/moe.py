@@ -201,7 +201,7 @@ def route(topk_ids: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor
     flat = topk_ids.reshape(-1)
     tk = flat.numel()
     max_blocks = triton.cdiv(tk, bm) + min(n_experts, tk)
-    if tk <= ROUTE_KERNEL_MAX_PAIRS:
+    if tk <= ROUTE_KERNEL_MAX_PAIRS and (flat.is_cuda or interpreting()):
         pp, ep = triton.next_power_of_2(max(tk, 16)), triton.next_power_of_2(n_experts + 1)
         ids = torch.empty(max_blocks * bm, dtype=torch.int32, device=flat.device)
         block_expert = torch.empty(max_blocks, dtype=torch.int32, device=flat.device)
