@@ -37,6 +37,15 @@ class VerifyOptions:
     min_recovery: float = 0.99
     report: str | None = None
     trust_remote_code: bool = False
+    endpoint: str | None = None  # GPQA of the quantized model served at this OpenAI-compatible API base
+    model: str | None = None  # its name on that server
+    ref_endpoint: str | None = None  # the reference served too; otherwise it runs here from `ref`
+    ref_model: str | None = None
+    concurrency: int = 8
+    gpqa_cache: str | None = None  # endpoint answers, for resuming; default REPORT/gpqa-answers.jsonl
+
+    def reference_label(self) -> str:
+        return f"{self.ref_endpoint} ({self.ref_model or self.model})" if self.ref_endpoint else self.ref
 
 
 def verify(dst: str | Path, opts: VerifyOptions, echo=print) -> dict:
@@ -51,6 +60,12 @@ def verify(dst: str | Path, opts: VerifyOptions, echo=print) -> dict:
         if not torch.cuda.is_available():
             raise StepquantError("--device cuda: no CUDA device is visible to torch")
     started = time.time()
+    if opts.endpoint:
+        report = _verify_endpoint(dst, opts, echo)
+        report["seconds"] = round(time.time() - started, 2)
+        if opts.report:
+            write_report(report, Path(opts.report))
+        return report
     with open_checkpoint(dst) as ckpt, open_checkpoint(opts.ref) as ref:
         family = detect_family(ref.config) or GENERIC
         model = load_model(ref.root, ref.config, opts.device, opts.trust_remote_code)
@@ -106,6 +121,47 @@ def _gpqa(qm, root: Path, opts: VerifyOptions, echo) -> dict:
     return result
 
 
+def _verify_endpoint(dst, opts: VerifyOptions, echo) -> dict:
+    """GPQA only (a chat endpoint gives no logits): the served quantized model against the reference,
+    served too or run here; paired on the same permutations."""
+    from . import gpqa
+    from .endpoint import Endpoint, answerer
+
+    if not opts.gpqa:
+        raise StepquantError("--endpoint measures GPQA only: give --gpqa (a chat endpoint has no logits for KL or perplexity)")
+    if not opts.model:
+        raise StepquantError("--endpoint needs --model, the name the server gives the checkpoint")
+    rows = gpqa.load_rows(opts.gpqa)[: opts.gpqa_limit or None]
+    exs = gpqa.examples(rows, opts.repeats)
+    cache = Path(opts.gpqa_cache) if opts.gpqa_cache else (Path(opts.report) / "gpqa-answers.jsonl" if opts.report else None)
+    sampling = dict(max_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p, concurrency=opts.concurrency)
+    echo(f"GPQA: {len(rows)} questions x {opts.repeats} repeats through {opts.endpoint} ({opts.model})"
+         + (f"; answers kept in {cache}" if cache else ""))  # fmt: skip
+    q_scores = gpqa.score(exs, gpqa.run(exs, answerer(Endpoint(opts.endpoint, opts.model, **sampling), cache), len(exs)))
+    if opts.ref_endpoint:
+        ref_ep = Endpoint(opts.ref_endpoint, opts.ref_model or opts.model, **sampling)
+        ref_scores = gpqa.score(exs, gpqa.run(exs, answerer(ref_ep, cache), len(exs)))
+    else:
+        from transformers import AutoTokenizer
+
+        from .calibrate import load_model
+
+        with open_checkpoint(opts.ref) as ref:
+            model = load_model(ref.root, ref.config, opts.device, opts.trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(ref.root, trust_remote_code=opts.trust_remote_code)
+            answer = gpqa.generator(model, tok, opts.device, opts.max_new_tokens, opts.temperature, opts.top_p)
+            ref_scores = gpqa.score(exs, gpqa.run(exs, answer, opts.batch))
+    result = gpqa.paired(exs, ref_scores, q_scores)
+    acc = result["accuracy"]
+    echo(f"GPQA accuracy {100 * acc['ref']:.1f}% -> {100 * acc['quant']:.1f}%")
+    return {
+        "producer": {"name": "stepquant", "version": __version__}, "checkpoint": str(dst), "reference": str(opts.reference_label()),
+        "mode": "endpoint", "device": opts.endpoint, "corpus": None, "tokens": 0, "kl": None, "top1": None, "ppl": None,
+        "sqnr_db": {}, "gpqa": result, "verdict": "pass" if acc["quant"] >= opts.min_recovery * acc["ref"] else "fail",
+        "min_recovery": opts.min_recovery, "options": {k: v for k, v in asdict(opts).items() if k != "report"},
+    }  # fmt: skip
+
+
 def _quantiles(values: list[float]) -> dict:
     v = sorted(values)
     return {f"p{q}": v[min(len(v) - 1, int(q / 100 * len(v)))] for q in (50, 90, 99)} | {"max": v[-1]}
@@ -113,10 +169,14 @@ def _quantiles(values: list[float]) -> dict:
 
 def format_table(r: dict) -> str:
     """The report as a Markdown table (also what `push` puts into the model card)."""
-    lines = [f"Measured by stepquant {r['producer']['version']} as `{r['mode']}` on {r['device']}, {r['tokens']} tokens "
-             f"of {r['corpus']}.", "", "| metric | reference | quantized |", "|---|---|---|",
-             f"| perplexity | {r['ppl']['ref']:.4f} | {r['ppl']['quant']:.4f} |",
-             f"| mean KL divergence | - | {r['kl']:.5f} |", f"| same top-1 token | - | {100 * r['top1']:.2f}% |"]  # fmt: skip
+    if r["kl"] is None:  # endpoint mode: GPQA only
+        lines = [f"Measured by stepquant {r['producer']['version']} through the endpoint {r['device']}.", "",
+                 "| metric | reference | quantized |", "|---|---|---|"]  # fmt: skip
+    else:
+        lines = [f"Measured by stepquant {r['producer']['version']} as `{r['mode']}` on {r['device']}, {r['tokens']} tokens "
+                 f"of {r['corpus']}.", "", "| metric | reference | quantized |", "|---|---|---|",
+                 f"| perplexity | {r['ppl']['ref']:.4f} | {r['ppl']['quant']:.4f} |",
+                 f"| mean KL divergence | - | {r['kl']:.5f} |", f"| same top-1 token | - | {100 * r['top1']:.2f}% |"]  # fmt: skip
     g = r.get("gpqa")
     if g:
         se = "-" if g["paired_se"] is None else f"{100 * g['paired_se']:.2f}"

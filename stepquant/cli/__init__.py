@@ -33,9 +33,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import bench, check, convert, demo, inspect, verify
+    from . import bench, check, convert, demo, inspect, serve, verify
 
-    for mod in (inspect, convert, check, verify, demo, bench):
+    for mod in (inspect, convert, check, verify, demo, bench, serve):
         main.add_command(mod.command)
 
 

@@ -28,6 +28,12 @@ from ..verify import VerifyOptions, verify
               help="GPQA accuracy quantized / reference needed to pass.")
 @click.option("--report", type=click.Path(file_okay=False), help="Write report.json and report.md here.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code (off by default).")
+@click.option("--endpoint", help="GPQA of the checkpoint served at this OpenAI-compatible API base (e.g. http://host:8000/v1).")
+@click.option("--model", help="The checkpoint's name on --endpoint.")
+@click.option("--ref-endpoint", help="The reference served too (else it runs here from --ref).")
+@click.option("--ref-model", help="The reference's name on --ref-endpoint (default: --model).")
+@click.option("--concurrency", type=click.IntRange(1), default=8, show_default=True, help="Requests in flight per endpoint.")
+@click.option("--gpqa-cache", type=click.Path(dir_okay=False), help="Endpoint answers kept here; a rerun asks only the rest (default: REPORT/gpqa-answers.jsonl).")
 @click.pass_context
 def command(ctx: click.Context, path: str, **kw) -> None:
     """Accuracy of a quantized checkpoint against its source: KL, top-1, perplexity, GPQA.
