@@ -1,7 +1,6 @@
 """verify --endpoint against a real OpenAI-compatible server process on loopback (`stepquant serve`
 over the demo model): retries, the paired GPQA report, and a resumed run that asks only the rest."""
 
-import csv
 import json
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from stepquant.endpoint import Endpoint, answerer
 from stepquant.errors import StepquantError
 
 from .conftest import run_cli
-from .test_gpqa import ROWS
+from .test_gpqa import write_csv
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +39,7 @@ def _stats(url: str) -> dict:
 
 
 def test_interrupted_run_resumes_without_asking_again(server, demo_ckpt, tmp_path):
-    data = tmp_path / "gpqa.csv"
-    with data.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(ROWS[0]))
-        w.writeheader()
-        w.writerows(ROWS)
+    data = write_csv(tmp_path / "gpqa.csv")
     rep = tmp_path / "report"
     args = ["verify", demo_ckpt, "--ref", demo_ckpt, "--endpoint", server, "--model", "demo", "--gpqa", data,
             "--repeats", "2", "--max-new-tokens", "4", "--report", rep, "--min-recovery", "0"]  # fmt: skip

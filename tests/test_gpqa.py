@@ -14,6 +14,17 @@ ROWS = [
 ]  # fmt: skip
 
 
+def write_csv(path, rows=ROWS):
+    """A GPQA-format CSV of `rows`."""
+    import csv
+
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def test_permutations_follow_random0_over_repeated_rows():
     exs = gpqa.examples(ROWS, 2)
     # random.Random(0).sample(range(4), 4), six times: the rows in order, then again

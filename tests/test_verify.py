@@ -1,6 +1,5 @@
 """verify on the demo Step-3.7 model: the quantized weights really run, reports are honest."""
 
-import csv
 import json
 
 import pytest
@@ -9,7 +8,7 @@ from stepquant.convert import ConvertOptions, convert
 from stepquant.verify import VerifyOptions, verify
 
 from .conftest import run_cli
-from .test_gpqa import ROWS
+from .test_gpqa import ROWS, write_csv
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +34,7 @@ def test_nvfp4_runs_quantized_and_modes_differ(demo_ckpt, builds):
 
 
 def test_gpqa_end_to_end_with_report_and_exit_code(demo_ckpt, builds, tmp_path):
-    data = tmp_path / "gpqa.csv"
-    with data.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(ROWS[0]))
-        w.writeheader()
-        w.writerows(ROWS)
+    data = write_csv(tmp_path / "gpqa.csv")
     rep = tmp_path / "report"
     proc = run_cli("verify", str(builds[0]), "--ref", str(demo_ckpt), "--gpqa", str(data), "--repeats", "2",
                    "--max-new-tokens", "3", "--eval-samples", "1", "--eval-seq-len", "16", "--report", str(rep),

@@ -71,6 +71,31 @@ def _scalars(weight_scale, input_scale, n_experts: int, device) -> torch.Tensor:
 
 
 @triton.jit
+def _block(ids_ptr, block_expert_ptr, TOPK, GATHER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's expert (-1: an unused block), its routed pairs (-1: padding), which are valid, their
+    activation rows (the token with GATHER, else the pair) and its output columns."""
+    e = tl.load(block_expert_ptr + tl.program_id(0))
+    ids = tl.load(ids_ptr + tl.program_id(0) * BM + tl.arange(0, BM))
+    rows = ids // TOPK if GATHER else ids
+    return e, ids, ids >= 0, rows, tl.program_id(1) * BN + tl.arange(0, BN)
+
+
+@triton.jit
+def _epilogue(acc, acc_up, alpha, limit, GLU: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """alpha x the accumulator; with GLU, SwiGLU(gate, up) with the Step clamp (HAS_LIMIT), rounded to
+    BF16 on the bits (the interpreter's cast truncates)."""
+    y = acc * alpha
+    if GLU:
+        up = acc_up * alpha
+        y = y * tl.sigmoid(y)
+        if HAS_LIMIT:
+            y = tl.minimum(y, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        y = _bf16_rne(y * up)
+    return y
+
+
+@triton.jit
 def _moe_nvfp4_kernel(
     a_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, ids_ptr, block_expert_ptr, topk_w_ptr,
     N, K, stride_a, TOPK, limit, ALPHA_IDX,
@@ -80,15 +105,9 @@ def _moe_nvfp4_kernel(
     """`_moe_gemm_kernel` for NVFP4 experts, the way the linear GEMV does it: the expert's rows on the
     MMA's M side, decoded from int32 words into the operand registers, the routed pairs on N;
     activations arrive as given (w4a16) or already rounded to their NVFP4 values (w4a4)."""
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_b)
+    e, ids, valid, rows, rn = _block(ids_ptr, block_expert_ptr, TOPK, GATHER, BM, BN)
     if e < 0:
         return
-    ids = tl.load(ids_ptr + pid_b * BM + tl.arange(0, BM))
-    valid = ids >= 0
-    rows = ids // TOPK if GATHER else ids
-    rn = pid_n * BN + tl.arange(0, BN)
     nmask = rn < N
     NW = 2 * N if GLU else N
     e64 = e.to(tl.int64)
@@ -101,15 +120,7 @@ def _moe_nvfp4_kernel(
         acc = _mma_t(acc, _nvfp4_tile(w_e, sf_e, rn, nmask, k0, K, ASM, BN, BK), a, ASM)
         if GLU:
             acc_up = _mma_t(acc_up, _nvfp4_tile(w_e, sf_e, rn + N, nmask, k0, K, ASM, BN, BK), a, ASM)
-    alpha = tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0
-    y = acc * alpha
-    if GLU:
-        up = acc_up * alpha
-        y = y * tl.sigmoid(y)
-        if HAS_LIMIT:
-            y = tl.minimum(y, limit)
-            up = tl.minimum(tl.maximum(up, -limit), limit)
-        y = _bf16_rne(y * up)
+    y = _epilogue(acc, acc_up, tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0, limit, GLU, HAS_LIMIT)
     if WEIGHTED:
         y = y * tl.load(topk_w_ptr + ids, mask=valid, other=0.0)[None, :]
     tl.store(out_ptr + ids[None, :] * N + rn[:, None], y.to(out_ptr.dtype.element_ty), mask=valid[None, :] & nmask[:, None])
@@ -126,15 +137,9 @@ def _moe_gemm_kernel(
     """One [BM, BN] tile of one expert's rows. Row r of the block is routed pair `ids[r]` = t*TOPK + j
     (-1: padding); its activation row is t (GATHER) or the pair itself, its output row the pair.
     With GLU the weight has 2N rows (gate, then up) and the tile is SwiGLU(gate, up)."""
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_b)
+    e, ids, valid, rows, rn = _block(ids_ptr, block_expert_ptr, TOPK, GATHER, BM, BN)
     if e < 0:
         return
-    ids = tl.load(ids_ptr + pid_b * BM + tl.arange(0, BM))
-    valid = ids >= 0
-    rows = ids // TOPK if GATHER else ids
-    rn = pid_n * BN + tl.arange(0, BN)
     NW = 2 * N if GLU else N
     e64 = e.to(tl.int64)
     w_e = w_ptr + e64 * NW * K
@@ -149,14 +154,7 @@ def _moe_gemm_kernel(
         if GLU:
             u_even, u_odd = _w_tile(w_e, rn + N, rn < N, k0, K, WFMT, BN, BK)
             acc_up = _mma(acc_up, a_even, a_odd, u_even, u_odd, DOT_FP32)
-    y = acc * alpha
-    if GLU:
-        up = acc_up * alpha
-        y = y * tl.sigmoid(y)
-        if HAS_LIMIT:
-            y = tl.minimum(y, limit)
-            up = tl.minimum(tl.maximum(up, -limit), limit)
-        y = _bf16_rne(y * up)  # stored as BF16; rounded on the bits (the interpreter's cast truncates)
+    y = _epilogue(acc, acc_up, alpha, limit, GLU, HAS_LIMIT)
     if WEIGHTED:
         y = y * tl.load(topk_w_ptr + ids, mask=valid, other=0.0)[:, None]
     tl.store(out_ptr + ids[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (rn[None, :] < N))
