@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import __version__
+from . import __version__, gpqa
 from .checkpoint import open_checkpoint
 from .errors import StepquantError
 from .families import GENERIC, detect_family
@@ -44,28 +44,33 @@ class VerifyOptions:
     concurrency: int = 8
     gpqa_cache: str | None = None  # endpoint answers, for resuming; default REPORT/gpqa-answers.jsonl
 
-    def reference_label(self) -> str:
-        return f"{self.ref_endpoint} ({self.ref_model or self.model})" if self.ref_endpoint else self.ref
-
 
 def verify(dst: str | Path, opts: VerifyOptions, echo=print) -> dict:
     """Measure `dst` against `opts.ref`; returns the report (with `verdict`: pass, fail or none)."""
-    from .calibrate import load_model
-    from .fidelity import eval_batches, measure
-    from .qmodel import attach
-
     if opts.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise StepquantError("--device cuda: no CUDA device is visible to torch")
     started = time.time()
-    if opts.endpoint:
-        report = _verify_endpoint(dst, opts, echo)
-        report["seconds"] = round(time.time() - started, 2)
-        if opts.report:
-            write_report(report, Path(opts.report))
-        return report
+    report = _verify_endpoint(dst, opts, echo) if opts.endpoint else _verify_here(dst, opts, echo)
+    acc = report["gpqa"]["accuracy"] if "gpqa" in report else None
+    report["verdict"] = "none" if acc is None else "pass" if acc["quant"] >= opts.min_recovery * acc["ref"] else "fail"
+    report["min_recovery"] = opts.min_recovery
+    report["options"] = {k: v for k, v in asdict(opts).items() if k != "report"}
+    report["seconds"] = round(time.time() - started, 2)
+    if opts.report:
+        write_report(report, Path(opts.report))
+    return report
+
+
+def _verify_here(dst, opts: VerifyOptions, echo) -> dict:
+    """The checkpoint's quantized weights inside the reference model on this machine: fidelity, and
+    GPQA when asked."""
+    from .calibrate import load_model
+    from .fidelity import eval_batches, measure
+    from .qmodel import attach
+
     with open_checkpoint(dst) as ckpt, open_checkpoint(opts.ref) as ref:
         family = detect_family(ref.config) or GENERIC
         model = load_model(ref.root, ref.config, opts.device, opts.trust_remote_code)
@@ -81,85 +86,71 @@ def verify(dst: str | Path, opts: VerifyOptions, echo=print) -> dict:
         }  # fmt: skip
         echo(f"KL {fid['kl']:.5f}, top-1 {100 * fid['top1']:.2f}%, PPL {fid['ppl']['ref']:.3f} -> {fid['ppl']['quant']:.3f}"
              f" over {fid['tokens']} tokens")  # fmt: skip
-        verdict = "none"
         if opts.gpqa:
-            report["gpqa"] = _gpqa(qm, ref.root, opts, echo)
-            acc = report["gpqa"]["accuracy"]
-            verdict = "pass" if acc["quant"] >= opts.min_recovery * acc["ref"] else "fail"
-        report["verdict"] = verdict
-        report["min_recovery"] = opts.min_recovery
-        report["options"] = {k: v for k, v in asdict(opts).items() if k != "report"}
-        report["seconds"] = round(time.time() - started, 2)
-    if opts.report:
-        write_report(report, Path(opts.report))
+            exs = _gpqa_examples(opts, echo, "reference then quantized")
+            answer = _local_answerer(qm.model, ref.root, opts)
+            ref_scores = gpqa.score(exs, gpqa.run(exs, answer, opts.batch))
+            with qm.quantized(opts.mode):
+                q_scores = gpqa.score(exs, gpqa.run(exs, answer, opts.batch))
+            report["gpqa"] = _gpqa_result(exs, ref_scores, q_scores, echo)
     return report
-
-
-def _gpqa(qm, root: Path, opts: VerifyOptions, echo) -> dict:
-    from transformers import AutoTokenizer
-
-    from . import gpqa
-
-    rows = gpqa.load_rows(opts.gpqa)
-    if opts.gpqa_limit:
-        rows = rows[: opts.gpqa_limit]
-    exs = gpqa.examples(rows, opts.repeats)
-    try:
-        tok = AutoTokenizer.from_pretrained(root, trust_remote_code=opts.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise StepquantError(f"{root}: no usable tokenizer for GPQA ({type(exc).__name__})") from None
-    answer = gpqa.generator(qm.model, tok, opts.device, opts.max_new_tokens, opts.temperature, opts.top_p)
-    echo(f"GPQA: {len(rows)} questions x {opts.repeats} repeats, reference then quantized")
-    ref_scores = gpqa.score(exs, gpqa.run(exs, answer, opts.batch))
-    with qm.quantized(opts.mode):
-        q_scores = gpqa.score(exs, gpqa.run(exs, answer, opts.batch))
-    result = gpqa.paired(exs, ref_scores, q_scores)
-    se, rec = result["paired_se"], result["recovery"]
-    echo(f"GPQA accuracy {100 * result['accuracy']['ref']:.1f}% -> {100 * result['accuracy']['quant']:.1f}%, paired "
-         f"{100 * result['paired_diff']:+.1f} ± {'-' if se is None else f'{100 * se:.1f}'} pp, "
-         f"recovery {'-' if rec is None else f'{rec:.3f}'}")  # fmt: skip
-    return result
 
 
 def _verify_endpoint(dst, opts: VerifyOptions, echo) -> dict:
     """GPQA only (a chat endpoint gives no logits): the served quantized model against the reference,
     served too or run here; paired on the same permutations."""
-    from . import gpqa
     from .endpoint import Endpoint, answerer
 
     if not opts.gpqa:
         raise StepquantError("--endpoint measures GPQA only: give --gpqa (a chat endpoint has no logits for KL or perplexity)")
     if not opts.model:
         raise StepquantError("--endpoint needs --model, the name the server gives the checkpoint")
-    rows = gpqa.load_rows(opts.gpqa)[: opts.gpqa_limit or None]
-    exs = gpqa.examples(rows, opts.repeats)
     cache = Path(opts.gpqa_cache) if opts.gpqa_cache else (Path(opts.report) / "gpqa-answers.jsonl" if opts.report else None)
+    exs = _gpqa_examples(opts, echo, f"through {opts.endpoint} ({opts.model})" + (f"; answers kept in {cache}" if cache else ""))
     sampling = dict(max_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p, concurrency=opts.concurrency)
-    echo(f"GPQA: {len(rows)} questions x {opts.repeats} repeats through {opts.endpoint} ({opts.model})"
-         + (f"; answers kept in {cache}" if cache else ""))  # fmt: skip
     q_scores = gpqa.score(exs, gpqa.run(exs, answerer(Endpoint(opts.endpoint, opts.model, **sampling), cache), len(exs)))
     if opts.ref_endpoint:
         ref_ep = Endpoint(opts.ref_endpoint, opts.ref_model or opts.model, **sampling)
         ref_scores = gpqa.score(exs, gpqa.run(exs, answerer(ref_ep, cache), len(exs)))
+        reference = f"{ref_ep.url} ({ref_ep.model})"
     else:
-        from transformers import AutoTokenizer
-
         from .calibrate import load_model
 
         with open_checkpoint(opts.ref) as ref:
             model = load_model(ref.root, ref.config, opts.device, opts.trust_remote_code)
-            tok = AutoTokenizer.from_pretrained(ref.root, trust_remote_code=opts.trust_remote_code)
-            answer = gpqa.generator(model, tok, opts.device, opts.max_new_tokens, opts.temperature, opts.top_p)
-            ref_scores = gpqa.score(exs, gpqa.run(exs, answer, opts.batch))
-    result = gpqa.paired(exs, ref_scores, q_scores)
-    acc = result["accuracy"]
-    echo(f"GPQA accuracy {100 * acc['ref']:.1f}% -> {100 * acc['quant']:.1f}%")
+            ref_scores = gpqa.score(exs, gpqa.run(exs, _local_answerer(model, ref.root, opts), opts.batch))
+            reference = str(ref.root)
     return {
-        "producer": {"name": "stepquant", "version": __version__}, "checkpoint": str(dst), "reference": str(opts.reference_label()),
+        "producer": {"name": "stepquant", "version": __version__}, "checkpoint": str(dst), "reference": reference,
         "mode": "endpoint", "device": opts.endpoint, "corpus": None, "tokens": 0, "kl": None, "top1": None, "ppl": None,
-        "sqnr_db": {}, "gpqa": result, "verdict": "pass" if acc["quant"] >= opts.min_recovery * acc["ref"] else "fail",
-        "min_recovery": opts.min_recovery, "options": {k: v for k, v in asdict(opts).items() if k != "report"},
+        "sqnr_db": {}, "gpqa": _gpqa_result(exs, ref_scores, q_scores, echo),
     }  # fmt: skip
+
+
+def _gpqa_examples(opts: VerifyOptions, echo, how: str) -> list:
+    rows = gpqa.load_rows(opts.gpqa)[: opts.gpqa_limit or None]
+    echo(f"GPQA: {len(rows)} questions x {opts.repeats} repeats, {how}")
+    return gpqa.examples(rows, opts.repeats)
+
+
+def _local_answerer(model, root: Path, opts: VerifyOptions):
+    """prompts -> responses from `model` here, with the reference's tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(root, trust_remote_code=opts.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise StepquantError(f"{root}: no usable tokenizer for GPQA ({type(exc).__name__})") from None
+    return gpqa.generator(model, tok, opts.device, opts.max_new_tokens, opts.temperature, opts.top_p)
+
+
+def _gpqa_result(exs, ref_scores, q_scores, echo) -> dict:
+    result = gpqa.paired(exs, ref_scores, q_scores)
+    se, rec = result["paired_se"], result["recovery"]
+    echo(f"GPQA accuracy {100 * result['accuracy']['ref']:.1f}% -> {100 * result['accuracy']['quant']:.1f}%, paired "
+         f"{100 * result['paired_diff']:+.1f} ± {'-' if se is None else f'{100 * se:.1f}'} pp, "
+         f"recovery {'-' if rec is None else f'{rec:.3f}'}")  # fmt: skip
+    return result
 
 
 def _quantiles(values: list[float]) -> dict:
