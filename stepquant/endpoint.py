@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
 
 from .errors import StepquantError
 
@@ -75,12 +74,13 @@ def ask(ep: Endpoint, prompt: str) -> str:
     raise StepquantError(f"endpoint {url}: no answer from model {ep.model!r} ({last}) after {attempt + 1} tries")
 
 
-def answerer(ep: Endpoint, cache: Path | None = None, progress: Callable[[int], None] | None = None):
+def answerer(ep: Endpoint, cache: Path | None = None):
     """prompts -> responses through `ep`, `ep.concurrency` at a time; answers already in `cache` are not
     asked again, and each new one is appended as it arrives (an interrupted run loses nothing finished)."""
     done: dict[str, str] = {}
-    if cache is not None and cache.exists():
-        lines = cache.read_text().splitlines()
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        lines = cache.read_text().splitlines() if cache.exists() else []
         for n, line in enumerate(lines):
             try:
                 rec = json.loads(line)
@@ -89,26 +89,24 @@ def answerer(ep: Endpoint, cache: Path | None = None, progress: Callable[[int], 
                 if n < len(lines) - 1:
                     raise StepquantError(f"{cache}: line {n + 1} is not an answer record") from None
                 # a torn last line is what an interruption leaves: drop it before appending
-                cache.write_text("".join(line + "\n" for line in lines[:-1]))
+                cache.write_text("".join(kept + "\n" for kept in lines[:-1]))
     lock = threading.Lock()
 
-    def one(prompt: str) -> None:
+    def one(key: str, prompt: str) -> None:
         text = ask(ep, prompt)
         with lock:
-            done[ep.key(prompt)] = text
+            done[key] = text
             if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
                 with cache.open("a") as f:
-                    f.write(json.dumps({"key": ep.key(prompt), "response": text}) + "\n")
-            if progress:
-                progress(len(done))
+                    f.write(json.dumps({"key": key, "response": text}) + "\n")
 
     def answer(prompts: list[str]) -> list[str]:
-        todo = list(dict.fromkeys(p for p in prompts if ep.key(p) not in done))
+        keys = [ep.key(p) for p in prompts]
+        todo = {k: p for k, p in zip(keys, prompts) if k not in done}
         with ThreadPoolExecutor(max(1, ep.concurrency)) as pool:
-            for f in [pool.submit(one, p) for p in todo]:
+            for f in [pool.submit(one, k, p) for k, p in todo.items()]:
                 f.result()
-        return [done[ep.key(p)] for p in prompts]
+        return [done[k] for k in keys]
 
     return answer
 
