@@ -246,7 +246,9 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     inter = two_i // 2
     aq1, aq2 = _modes(gate_up, mode), _modes(down, mode)
     topk = topk_ids.shape[1]
-    nvfp4 = gate_up.fmt == down.fmt == "nvfp4"
+    if gate_up.fmt != down.fmt:
+        raise ValueError(f"gate_up ({gate_up.fmt}) and down ({down.fmt}) experts must share a format")
+    nvfp4 = gate_up.fmt == "nvfp4"
     if nvfp4 and (H % 64 or inter % 64):
         raise ValueError(f"the NVFP4 fused MoE needs hidden ({H}) and intermediate ({inter}) sizes that are multiples of 64")
     bm, bn, bk, warps = config or _moe_blocks(T * topk, nvfp4)
@@ -274,22 +276,20 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
             block_expert, weights, H, inter, h.stride(0), topk, 0.0, aq2,
             GATHER=False, GLU=False, HAS_LIMIT=False, WEIGHTED=True, **common,
         )  # fmt: skip
-        return y.view(T, topk, H).sum(1).to(out_dtype)
-    if gate_up.fmt != down.fmt:
-        raise ValueError(f"gate_up ({gate_up.fmt}) and down ({down.fmt}) experts must share a format")
-    common = dict(DOT_FP32=interpreting(), BM=bm, BN=bn, BK=bk, num_warps=warps)
-    _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(inter, bn))](
-        a, gate_up.weight, gate_up.scalars, h, ids, block_expert, weights,
-        inter, H, a.stride(0), topk, limit_,
-        GATHER=True, GLU=True, HAS_LIMIT=limit is not None, WEIGHTED=False,
-        WFMT=WFMTS[gate_up.fmt], AQ=aq1, **common,
-    )  # fmt: skip
-    _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(H, bn))](
-        h, down.weight, down.scalars, y, ids, block_expert, weights,
-        H, inter, h.stride(0), topk, 0.0,
-        GATHER=False, GLU=False, HAS_LIMIT=False, WEIGHTED=True,
-        WFMT=WFMTS[down.fmt], AQ=aq2, **common,
-    )  # fmt: skip
+    else:
+        common = dict(DOT_FP32=interpreting(), BM=bm, BN=bn, BK=bk, num_warps=warps)
+        _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(inter, bn))](
+            a, gate_up.weight, gate_up.scalars, h, ids, block_expert, weights,
+            inter, H, a.stride(0), topk, limit_,
+            GATHER=True, GLU=True, HAS_LIMIT=limit is not None, WEIGHTED=False,
+            WFMT=WFMTS[gate_up.fmt], AQ=aq1, **common,
+        )  # fmt: skip
+        _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(H, bn))](
+            h, down.weight, down.scalars, y, ids, block_expert, weights,
+            H, inter, h.stride(0), topk, 0.0,
+            GATHER=False, GLU=False, HAS_LIMIT=False, WEIGHTED=True,
+            WFMT=WFMTS[down.fmt], AQ=aq2, **common,
+        )  # fmt: skip
     return y.view(T, topk, H).sum(1).to(out_dtype)
 
 
