@@ -75,7 +75,6 @@ def sweep() -> list[dict]:
         ws = [w] + [w.clone() for _ in range(c16 - 1)]
         lins = [NVFP4Weight.from_parts(p["weight"].clone(), p["weight_scale"].clone(), p["weight_scale_2"], torch.tensor(0.01))
                 for _ in range(c4)]
-        lin = lins[0]
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             bf = graph_time(lambda i: x @ ws[i % c16].T, reps=max(20, c16))
