@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .quantize import _bf16_rne
-from .linear import _a_tile, _mma, _mma_t, _nvfp4_tile, _w_tile, blackwell_activations, dequantize_nvfp4, nvfp4_fake_quantize
+from .quantize import _bf16_rne, _e4m3_rne
+from .linear import _e4m3_value, _mma_t, _nvfp4_tile, blackwell_activations, dequantize_nvfp4, nvfp4_fake_quantize
 
 WFMTS = {"bf16": 1, "fp8": 2}  # the reference kernel's weight formats
 
@@ -68,6 +68,46 @@ def _scalars(weight_scale, input_scale, n_experts: int, device) -> torch.Tensor:
            else torch.tensor(float("nan")))  # fmt: skip
     one = torch.ones(n_experts)
     return torch.stack([ws, isc * ws, one / isc, one * isc], 1).contiguous().to(device)  # divided on the CPU
+
+
+# -- the reference kernel's tiles (BF16 and FP8 experts): even and odd K columns in fp32 ----------
+@triton.jit
+def _w_tile(w_ptr, rows, rmask, k0, K, WFMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Even and odd K columns ([BN, BK/2] each, fp32) of a row-major BF16 (WFMT 1) or FP8 (2) weight
+    tile (the fused MoE's reference formats; NVFP4 goes through `_nvfp4_tile`)."""
+    HK: tl.constexpr = BK // 2
+    rk = k0 + tl.arange(0, BK)
+    w = tl.load(w_ptr + rows[:, None] * K + rk[None, :], mask=rmask[:, None] & (rk[None, :] < K), other=0)
+    if WFMT == 2:
+        wf = _e4m3_value(w & 0x7F)
+        w = tl.where((w & 0x80) != 0, -wf, wf)
+    return tl.split(tl.reshape(w.to(tl.float32), (BN, HK, 2)))
+
+
+@triton.jit
+def _a_tile(a_ptr, rows, rmask, stride, k0, K, isc, AQ: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """Even and odd K columns ([BM, BK/2] each, fp32) of an activation tile, as the MMA sees them: as
+    given (AQ 0) or FP8-quantized with the static scale `isc` (2)."""
+    HK: tl.constexpr = BK // 2
+    rk = k0 + tl.arange(0, BK)
+    a = tl.load(a_ptr + rows[:, None] * stride + rk[None, :], mask=rmask[:, None] & (rk[None, :] < K), other=0.0)
+    a_even, a_odd = tl.split(tl.reshape(a.to(tl.float32), (BM, HK, 2)))
+    if AQ == 2:
+        _, a_even = _e4m3_rne(tl.minimum(tl.maximum(tl.math.div_rn(a_even, isc), -448.0), 448.0))
+        _, a_odd = _e4m3_rne(tl.minimum(tl.maximum(tl.math.div_rn(a_odd, isc), -448.0), 448.0))
+    return a_even, a_odd
+
+
+@triton.jit
+def _mma(acc, a_even, a_odd, w_even, w_odd, DOT_FP32: tl.constexpr):
+    """acc + a @ w.T over the even and odd columns; operands are exact in BF16."""
+    if DOT_FP32:
+        acc += tl.dot(a_even, tl.trans(w_even), input_precision="ieee")
+        acc += tl.dot(a_odd, tl.trans(w_odd), input_precision="ieee")
+    else:
+        acc += tl.dot(a_even.to(tl.bfloat16), tl.trans(w_even.to(tl.bfloat16)))
+        acc += tl.dot(a_odd.to(tl.bfloat16), tl.trans(w_odd.to(tl.bfloat16)))
+    return acc
 
 
 @triton.jit
