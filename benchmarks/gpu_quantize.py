@@ -93,8 +93,9 @@ def main() -> None:
     shape = (64, 1280, 4096)  # 64 Step experts, 671 MB of BF16
     moved = shape[0] * shape[1] * shape[2] * (2 + 0.5 + 1 / 16)
     rows = []
-    variants = [(16, 256, 4, False), (16, 256, 4, True), (8, 256, 4, True), (32, 256, 8, True), (16, 512, 8, True),
-                (4, 1024, 4, True), (8, 512, 4, True), (32, 128, 4, True), (64, 128, 8, True)]  # fmt: skip
+    variants = [(8, 512, 4, False), (8, 512, 4, True), (16, 512, 8, True), (16, 512, 4, True), (8, 1024, 8, True),
+                (4, 1024, 4, True), (16, 256, 4, True), (32, 256, 8, True), (16, 1024, 8, True), (32, 512, 8, True),
+                (8, 256, 2, True), (4, 512, 2, True)]  # fmt: skip
     for br, bc, wp, fast in variants:
         ms = time_kernel(shape, br, bc, wp, fast)
         rows.append({"block_r": br, "block_c": bc, "warps": wp, "fast_div": fast, "ms": ms,
