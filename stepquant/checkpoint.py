@@ -123,6 +123,28 @@ class Checkpoint:
         buf = read_bytes(self._fd(t.path), t.offset + index * step, step, t.path)
         return torch.frombuffer(buf, dtype=torch.uint8).view(t.torch_dtype).reshape(t.shape[1:])
 
+    def read_into(self, name: str, out: torch.Tensor, index: int | None = None, rows: slice = slice(None)) -> None:
+        """Read `tensor[index][rows]` (or `tensor[rows]`) straight into `out`, a contiguous tensor of its
+        dtype and shape: no intermediate buffer (the converter's staging of experts in pinned memory)."""
+        t = self.info(name)
+        if index is not None and not (t.shape and 0 <= index < t.shape[0]):
+            raise StepquantError(f"{t.path}: tensor '{name}' has no leading index {index}")
+        shape = t.shape[1:] if index is not None else t.shape
+        if not shape:
+            raise StepquantError(f"{t.path}: tensor '{name}' has no rows to read")
+        start, stop, _ = rows.indices(shape[0])
+        want = (stop - start, *shape[1:])
+        if tuple(out.shape) != want or out.dtype != t.torch_dtype or not out.is_contiguous():
+            raise StepquantError(f"{t.path}: tensor '{name}' is {t.dtype}{list(want)}, cannot read it into {out.dtype}{list(out.shape)}")
+        if name in self._pickled:
+            src = self._pickled[name]
+            out.copy_((src if index is None else src[index])[start:stop])
+            return
+        step = t.nbytes // t.shape[0] if index is not None else 0
+        row = out.nbytes // max(1, want[0])
+        read_bytes(self._fd(t.path), t.offset + (index or 0) * step + start * row, out.nbytes, t.path,
+                   into=out.view(-1).view(torch.uint8).numpy())  # fmt: skip
+
     def iter_bytes(self, name: str, chunk: int = CHUNK_BYTES) -> Iterator[bytes | bytearray]:
         """The tensor's raw bytes as chunks of at most `chunk` bytes, for copying without decoding."""
         if name in self._pickled:

@@ -27,9 +27,11 @@ BATCH_BYTES = 256 * 1024**2  # experts quantized per step
 _READERS = ThreadPoolExecutor(8, thread_name_prefix="stepquant-read")  # pread releases the GIL
 
 
-def _bytes(t: torch.Tensor) -> bytes:
+def _bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy when it is already on the CPU and contiguous (the view keeps
+    its storage alive)."""
     t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
 class Activations:
@@ -58,6 +60,7 @@ class Executor:
         self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
         self._amax: dict[str, torch.Tensor] = {}
         self.by_module = {lin.module: lin for lin in plan.linears}
+        self._staged: dict[int, torch.Tensor] = {}
 
     # -- reading ----------------------------------------------------------------------------------
     def _src(self, canonical: str) -> str:
@@ -86,6 +89,34 @@ class Executor:
         if check and not torch.isfinite(w).all():
             raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {key}")
         return w
+
+    def _direct(self, ex: Experts, keys: tuple[str, ...]) -> bool:
+        """Whether the experts can be read straight into the staging buffers: BF16 source tensors that
+        are quantized (the results are new tensors, so a buffer can be reused)."""
+        if ex.fmt_in.quant_algo or not ex.fmt_out.quant_algo:
+            return False
+        refs = [ex.parts[k][0] for k in keys]
+        return all(set(r) <= {"weight", "input_scale"} and self.ckpt.info(self._src(r["weight"][0])).dtype == "BF16" for r in refs)
+
+    def _read_expert_into(self, ex: Experts, key: str, e: int, out: torch.Tensor) -> None:
+        name, idx = ex.parts[key][e]["weight"]
+        src = self._src(name)
+        info = self.ckpt.info(src)
+        rows = info.shape[1 if idx is not None else 0]
+        self.ckpt.read_into(src, out, idx, _rows(ex, key, rows))
+
+    def _staging(self, slot: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """BF16 buffers for one batch of experts, two slots (one is read into while the other is
+        quantized), allocated once and reused; pinned for a CUDA device (pinning is slow)."""
+        need = sum(math.prod(s) for s in shapes.values())
+        buf = self._staged.get(slot)
+        if buf is None or buf.numel() < need:
+            buf = self._staged[slot] = torch.empty(need, dtype=torch.bfloat16, pin_memory=self.device.type == "cuda")
+        out, at = {}, 0
+        for k, s in shapes.items():
+            out[k] = buf[at : at + math.prod(s)].view(s)
+            at += math.prod(s)
+        return out
 
     def weight_amax(self, module: str) -> torch.Tensor:
         if module not in self._amax:
@@ -139,17 +170,24 @@ class Executor:
         size = max(1, BATCH_BYTES // per_expert)
         batches = [range(s, min(s + size, ex.num)) for s in range(0, ex.num, size)]
 
-        def load(batch: range) -> dict[str, torch.Tensor]:
-            return {k: torch.stack(list(_READERS.map(lambda e, k=k: self.expert_weight(ex, k, e, check=False), batch)))
-                    for k in keys}  # fmt: skip
+        def load(batch: range, slot: int) -> dict[str, torch.Tensor]:
+            if not self._direct(ex, keys):
+                return {k: torch.stack(list(_READERS.map(lambda e, k=k: self.expert_weight(ex, k, e, check=False), batch)))
+                        for k in keys}  # fmt: skip
+            bufs = self._staging(slot, {k: (len(batch), *ex.shapes[k]) for k in keys})
+            jobs = [(k, e, bufs[k][j]) for k in keys for j, e in enumerate(batch)]
+            list(_READERS.map(lambda job: self._read_expert_into(ex, *job), jobs))
+            return bufs
 
         parts: dict[str, list[dict[str, torch.Tensor]]] = {k: [] for k in keys}
         with ThreadPoolExecutor(1) as prefetch:
-            pending = prefetch.submit(load, batches[0])
+            pending = prefetch.submit(load, batches[0], 0)
             for i, batch in enumerate(batches):
-                ws = {k: w.to(self.device) for k, w in pending.result().items()}
+                # from pinned memory an asynchronous copy; the amax below waits for it, and batch i is
+                # quantized before batch i + 2 is read into its slot
+                ws = {k: w.to(self.device, non_blocking=True) for k, w in pending.result().items()}
                 if i + 1 < len(batches):
-                    pending = prefetch.submit(load, batches[i + 1])
+                    pending = prefetch.submit(load, batches[i + 1], (i + 1) % 2)
                 amax = {k: w.abs().amax(dim=tuple(range(1, w.dim()))).float().cpu() for k, w in ws.items()}
                 for k, a in amax.items():
                     if not torch.isfinite(a).all():

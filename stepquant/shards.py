@@ -7,6 +7,7 @@ writes the rest; since shard planning and tensor order are deterministic the res
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import hashlib
 import json
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +100,92 @@ class _FaultHook:
         self.written += n
         if self.limit is not None and self.written >= self.limit:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Drain:
+    """A thread applying `fn` to queued chunks in order; at most QUEUE_BYTES wait, so memory stays
+    bounded. Its error is raised to the producer at the next `put` or at `join`."""
+
+    QUEUE_BYTES = 1 << 30
+
+    def __init__(self, fn: Callable, name: str) -> None:
+        self.fn = fn
+        self.queue: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.queued = 0
+        self.error: BaseException | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.closed:
+                    self.cond.wait()
+                if not self.queue:
+                    return
+                chunk = self.queue.popleft()
+            try:
+                self.fn(chunk)
+            except BaseException as exc:  # noqa: BLE001 - handed to the producer
+                with self.cond:
+                    self.error, self.closed = exc, True
+                    self.queue.clear()
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                self.queued -= len(chunk)
+                self.cond.notify_all()
+
+    def put(self, chunk) -> None:
+        with self.cond:
+            while self.queued > self.QUEUE_BYTES and self.error is None:
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
+            self.queue.append(chunk)
+            self.queued += len(chunk)
+            self.cond.notify_all()
+
+    def join(self, drop: bool = False) -> None:
+        """Wait until every chunk is done (or, with `drop`, throw away what still waits)."""
+        with self.cond:
+            if drop:
+                self.queue.clear()
+            self.closed = True
+            self.cond.notify_all()
+        self.thread.join()
+        if self.error is not None and not drop:
+            raise self.error
+
+
+class _Writer:
+    """Writes a shard's chunks in one background thread and hashes them in another while the caller
+    produces the next ones (file writes and sha256 release the GIL): reading, quantizing, writing and
+    hashing overlap."""
+
+    def __init__(self, f) -> None:
+        self.digest = hashlib.sha256()
+        self.drains = [_Drain(f.write, "stepquant-write"), _Drain(self.digest.update, "stepquant-hash")]
+
+    def put(self, chunk) -> None:
+        for d in self.drains:
+            d.put(chunk)
+
+    def finish(self) -> str:
+        """Wait for every chunk to be written and hashed; the sha256 of all of them."""
+        for d in self.drains:
+            d.join()
+        return self.digest.hexdigest()
+
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        for d in self.drains:  # stop both before the file closes; on the producer's error drop the rest
+            if d.thread.is_alive():
+                d.join(drop=exc_type is not None)
 
 
 class OutputDir:
@@ -218,25 +306,24 @@ class OutputDir:
         # descending element size keeps every tensor aligned to its own element size
         order = sorted(shard, key=lambda t: (-DTYPES[t.dtype][1], natural_key(t.name)))
         header = build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in order], {"format": "pt"})
-        digest = hashlib.sha256(header)
         tmp = self.partial / (name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(header)
+        with open(tmp, "wb") as f, _Writer(f) as writer:
+            writer.put(header)
             for t in order:
                 written = 0
                 for chunk in t.chunks():
-                    f.write(chunk)
-                    digest.update(chunk)
+                    writer.put(chunk)
                     written += len(chunk)
                     bar.update(len(chunk))
                     hook.wrote(len(chunk))
                 if written != t.nbytes:
                     raise StepquantError(f"tensor '{t.name}': produced {written} bytes, expected {t.nbytes}")
+            digest = writer.finish()
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()
         os.replace(tmp, self.partial / name)
-        return {"bytes": size, "sha256": digest.hexdigest()}
+        return {"bytes": size, "sha256": digest}
 
     def write_file(self, name: str, data: bytes) -> None:
         _fsync_write(self.partial / name, data)

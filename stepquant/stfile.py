@@ -156,10 +156,11 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def read_bytes(fd: int, offset: int, nbytes: int, path: Path) -> bytearray:
-    """Read exactly `nbytes` at `offset` (pread), refusing short reads."""
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
+def read_bytes(fd: int, offset: int, nbytes: int, path: Path, into=None) -> bytearray:
+    """Read exactly `nbytes` at `offset` (pread) into a new bytearray, or into the writable buffer
+    `into`; refuses short reads."""
+    buf = bytearray(nbytes) if into is None else into
+    view = memoryview(buf).cast("B")
     done = 0
     while done < nbytes:
         n = os.preadv(fd, [view[done:]], offset + done)

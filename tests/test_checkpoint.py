@@ -45,6 +45,25 @@ def test_sharded_read_slice_and_bytes(tmp_path):
         assert ckpt.total_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def test_read_into_an_expert_and_a_row_range(tmp_path):
+    tensors = _sharded(tmp_path)
+    w = tensors["model.layers.2.w"]
+    with open_checkpoint(tmp_path) as ckpt:
+        out = torch.empty(8, 16, dtype=torch.bfloat16)
+        ckpt.read_into("model.layers.2.w", out, 3)
+        assert torch.equal(out, w[3])
+        half = torch.empty(4, 16, dtype=torch.bfloat16)
+        ckpt.read_into("model.layers.2.w", half, 1, slice(4, 8))  # the up half of a fused gate_up
+        assert torch.equal(half, w[1, 4:])
+        whole = torch.empty(32, 16)
+        ckpt.read_into("lm_head.weight", whole)
+        assert torch.equal(whole, tensors["lm_head.weight"])
+        with pytest.raises(StepquantError, match=r"cannot read it into torch.float32\[8, 16\]"):
+            ckpt.read_into("model.layers.2.w", torch.empty(8, 16), 0)
+        with pytest.raises(StepquantError, match="no leading index 4"):
+            ckpt.read_into("model.layers.2.w", out, 4)
+
+
 def test_text_config_nested_and_flat(demo_ckpt, ref):
     with open_checkpoint(demo_ckpt) as ckpt:
         assert ckpt.text_config["n_routed_experts"] == 8

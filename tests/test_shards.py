@@ -112,3 +112,30 @@ def test_overwrite_replaces(tmp_path):
         out.commit()
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["model.safetensors"]
     assert not list(tmp_path.glob("d.old-*"))
+
+
+def test_a_failing_write_is_raised_and_leaves_no_shard(tmp_path, monkeypatch):
+    """The background writer's error (here: disk full) reaches the caller; the shard is not finished."""
+    import stepquant.shards as shards
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, chunk):
+            self.n += 1
+            if self.n > 2:
+                raise OSError(28, "No space left on device")
+            return self.f.write(chunk)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    real = shards._Writer.__init__
+    monkeypatch.setattr(shards._Writer, "__init__", lambda self, f: real(self, Full(f)))
+    t = torch.arange(64, dtype=torch.float32)
+    with pytest.raises(OSError, match="No space left"):
+        with OutputDir(tmp_path / "out", "fp") as out:
+            out.write_shards([_out(f"t{i}", t) for i in range(4)], max_shard_size=1 << 20)
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out.partial" / "model.safetensors").exists()
