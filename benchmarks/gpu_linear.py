@@ -64,7 +64,7 @@ def _split(m: int, n: int, k: int, bm: int, bn: int, bk: int, fill: int) -> int:
     return split
 
 
-def sweep() -> list[dict]:
+def sweep(one_row_only: bool = False) -> list[dict]:
     """GEMV tilings at M = 1 and 16: which (BM, BN, BK, warps, splits, stages) is fastest, and where
     the GEMV kernel and the dequantize + cuBLAS path cross."""
     rows = []
@@ -75,13 +75,13 @@ def sweep() -> list[dict]:
         ws = [w] + [w.clone() for _ in range(c16 - 1)]
         lins = [NVFP4Weight.from_parts(p["weight"].clone(), p["weight_scale"].clone(), p["weight_scale_2"], torch.tensor(0.01))
                 for _ in range(c4)]
-        for m in (1, 16):
+        for m in (1,) if one_row_only else (1, 16):
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             bf = graph_time(lambda i: x @ ws[i % c16].T, reps=max(20, c16))
             bm = 8 if m <= 8 else 16
-            for bn, bk, warps in ((32, 64, 2), (64, 64, 2), (64, 64, 4), (128, 64, 4), (64, 128, 4), (32, 128, 2), (128, 128, 4)):
-                for fill in (264, 528):
-                    for stages in (3, 4, 6):
+            for bn, bk, warps in () if one_row_only else ((32, 128, 2), (64, 128, 4), (128, 128, 4), (32, 256, 2), (64, 256, 2), (64, 256, 4)):
+                for fill in (264, 528, 1056):
+                    for stages in (3, 4):
                         cfg = (bm, bn, bk, warps, _split(m, n, k, bm, bn, bk, fill), stages)
                         try:
                             ms = graph_time(lambda i: nvfp4_linear(x, lins[i % c4], "w4a16", config=cfg), reps=max(20, c4))
@@ -89,7 +89,18 @@ def sweep() -> list[dict]:
                             rows.append({"shape": name, "M": m, "config": cfg, "error": f"{type(exc).__name__}: {exc}"[:200]})
                             continue
                         rows.append({"shape": name, "M": m, "config": cfg, "ms": ms, "x_bf16": bf / ms})
-        for m in (32, 64, 128, 256):
+            if m == 1:  # the one-row FMA kernel
+                for bn in (16, 32, 64):
+                    for bk in (128, 256, 512):
+                        for warps in (1, 2, 4):
+                            for fill in (528, 1024, 2048):
+                                split = 1
+                                while triton.cdiv(n, bn) * split < fill and k // (split * 2) >= bk:
+                                    split *= 2
+                                cfg = (1, bn, bk, warps, split, 1)
+                                ms = graph_time(lambda i: nvfp4_linear(x, lins[i % c4], "w4a16", config=cfg), reps=max(20, c4))
+                                rows.append({"shape": name, "M": m, "config": cfg, "ms": ms, "x_bf16": bf / ms})
+        for m in () if one_row_only else (32, 64, 128, 256):
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             bf = graph_time(lambda i: x @ ws[i % c16].T, reps=max(20, c16))
             cfg = _gemv_blocks(m, n, k)
@@ -104,6 +115,7 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep-one-row", action="store_true", help="sweep only the one-row (M = 1) FMA kernel's tilings")
     args = ap.parse_args()
     dev = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
@@ -119,7 +131,7 @@ def main() -> None:
     for r in sp:
         print(f"| {r['shape']} | {r['M']} | {r['mode']} | {r['ms']:.4f} | {r['bf16_ms']:.4f} | {r['speedup_vs_bf16']:.2f} "
               f"| {r['gb_s']:.0f} | {r['pct_copy']:.0f}% | {r['tflops']:.1f} |")
-    sw = [] if args.no_sweep else sweep()
+    sw = [] if args.no_sweep else sweep(args.sweep_one_row)
     best = {}
     for r in sw:
         key = (r["shape"], r["M"])

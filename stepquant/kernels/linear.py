@@ -91,6 +91,60 @@ def _bf16_pair(r):
     return tl.join(lo, hi)
 
 
+# The same magnitude tables and sign moves without the scale: four bf16 pairs of the bare E2M1 values.
+_CODES_PTX = tl.constexpr("""{
+.reg .b32 s0, s1, l, h, tla, tlb, tha, thb, sh, p;
+mov.b32 tla, 0xC0800000; mov.b32 tlb, 0xC0804000; mov.b32 tha, 0x3F3F3F00; mov.b32 thb, 0x40404040;
+and.b32 s0, $4, 0x7777; shr.b32 s1, $4, 16; and.b32 s1, s1, 0x7777; shl.b32 sh, $4, 4;
+prmt.b32 l, tla, tlb, s0; prmt.b32 h, tha, thb, s0; prmt.b32 $0, l, h, 0x5140; prmt.b32 $1, l, h, 0x7362;
+prmt.b32 l, tla, tlb, s1; prmt.b32 h, tha, thb, s1; prmt.b32 $2, l, h, 0x5140; prmt.b32 $3, l, h, 0x7362;
+prmt.b32 p, sh, $4, 0x4000; lop3.b32 $0, $0, p, 0x80008000, 0xF8;
+prmt.b32 p, sh, $4, 0x5010; lop3.b32 $1, $1, p, 0x80008000, 0xF8;
+prmt.b32 p, sh, $4, 0x6020; lop3.b32 $2, $2, p, 0x80008000, 0xF8;
+prmt.b32 p, sh, $4, 0x7030; lop3.b32 $3, $3, p, 0x80008000, 0xF8;
+}""")
+
+
+@triton.jit
+def _code_pairs(words, ASM: tl.constexpr):
+    """int32 words of packed E2M1 codes -> four int32 holding bf16 pairs of the E2M1 values (low half
+    first): elements (0, 1), (2, 3), (4, 5), (6, 7) of each word. Through PTX on the GPU; under the
+    interpreter the same bits from fp32 values."""
+    if ASM:
+        r0, r1, r2, r3 = tl.inline_asm_elementwise(_CODES_PTX, "=r,=r,=r,=r,r", [words], dtype=(tl.int32,) * 4,
+                                                   is_pure=True, pack=1)  # fmt: skip
+    else:
+        r0 = _bf16_bits(words, 0) | (_bf16_bits(words, 1) << 16)
+        r1 = _bf16_bits(words, 2) | (_bf16_bits(words, 3) << 16)
+        r2 = _bf16_bits(words, 4) | (_bf16_bits(words, 5) << 16)
+        r3 = _bf16_bits(words, 6) | (_bf16_bits(words, 7) << 16)
+    return r0, r1, r2, r3
+
+
+@triton.jit
+def _bf16_bits(words, j: tl.constexpr):
+    """bf16 bits (int32) of the E2M1 value of element j of each word (exact in bf16)."""
+    v = _fp4_bits_to_f32((words >> (4 * j)) & 15) * 16384.0
+    return (v.to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+
+
+@triton.jit
+def _scale_f32(sfb):
+    """E4M3 scale bits (int32; never negative) -> the scale x 2^-8 in fp32, from its fp16 bits (as
+    _DECODE_PTX makes it; subnormal scales land on fp16 subnormals)."""
+    return ((sfb & 0x7F) << 7).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _lo(r):
+    return (r << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _hi(r):
+    return (r & -65536).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _decode_words(words, sfb, ASM: tl.constexpr):
     """int32 words [A, B, C] of packed E2M1 codes and their E4M3 scale bytes (int32, same shape) ->
@@ -113,13 +167,44 @@ def _nvfp4_tile(w_ptr, sf_ptr, rows, rmask, k0, K, ASM: tl.constexpr, BN: tl.con
     """Rows `rows` x columns [k0, k0 + BK) of an NVFP4 weight (int32 words [N, K/8], scales as int32
     words of four [N, K/64]) -> [BN, BK] values `code x scale x 2^-8` (K, k0 multiples of 64)."""
     NB: tl.constexpr = BK // 16
-    kw = tl.multiple_of(k0, 64) // 8 + tl.arange(0, 2 * NB)
+    words, sfb = _nvfp4_words(w_ptr, sf_ptr, rows, rmask, k0, K, BN, BK)
+    w = _decode_words(tl.reshape(words, (BN, NB, 2)), tl.reshape(sfb, (BN, NB, 2)), ASM)
+    return tl.reshape(w, (BN, BK))
+
+
+@triton.jit
+def _nvfp4_words(w_ptr, sf_ptr, rows, rmask, k0, K, BN: tl.constexpr, BK: tl.constexpr):
+    """Rows `rows` x columns [k0, k0 + BK) of an NVFP4 weight as int32 words of 8 codes [BN, BK/8] and
+    each word's E4M3 scale byte (int32, same shape)."""
+    words, sw = _load_words(w_ptr, sf_ptr, rows, rmask, k0, K, BK)
+    return words, _scale_bytes(sw, BN, BK)
+
+
+@triton.jit
+def _load_words(w_ptr, sf_ptr, rows, rmask, k0, K, BK: tl.constexpr):
+    """The loads alone: words [BN, BK/8] and the scales read four blocks to an int32 [BN, BK/64]."""
+    kw = tl.multiple_of(k0, 64) // 8 + tl.arange(0, BK // 8)
     words = tl.load(w_ptr + rows[:, None] * tl.multiple_of(K // 8, 8) + kw[None, :], mask=rmask[:, None], other=0)
     ks = k0 // 64 + tl.arange(0, BK // 64)
     sw = tl.load(sf_ptr + rows[:, None] * (K // 64) + ks[None, :], mask=rmask[:, None], other=0)
-    sfb = tl.reshape((sw[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF, (BN, NB))  # block j: byte j % 4
-    w = _decode_words(tl.reshape(words, (BN, NB, 2)), tl.broadcast_to(sfb[:, :, None], (BN, NB, 2)), ASM)
-    return tl.reshape(w, (BN, BK))
+    return words, sw
+
+
+@triton.jit
+def _scale_bytes(sw, BN: tl.constexpr, BK: tl.constexpr):
+    """Scale words [BN, BK/64] -> each weight word's scale byte [BN, BK/8] (block j: byte j % 4)."""
+    NB: tl.constexpr = BK // 16
+    sfb = tl.reshape((sw[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF, (BN, NB))
+    return tl.reshape(tl.broadcast_to(sfb[:, :, None], (BN, NB, 2)), (BN, 2 * NB))
+
+
+@triton.jit
+def _x8(xp, mask):
+    """Activations as fp32 [1, BK/8] x 8: element j of every word of the weight tile (xp + j)."""
+    return (tl.load(xp, mask=mask).to(tl.float32), tl.load(xp + 1, mask=mask).to(tl.float32),
+            tl.load(xp + 2, mask=mask).to(tl.float32), tl.load(xp + 3, mask=mask).to(tl.float32),
+            tl.load(xp + 4, mask=mask).to(tl.float32), tl.load(xp + 5, mask=mask).to(tl.float32),
+            tl.load(xp + 6, mask=mask).to(tl.float32), tl.load(xp + 7, mask=mask).to(tl.float32))  # fmt: skip
 
 
 @triton.jit
@@ -137,7 +222,7 @@ def _nvfp4_gemv_kernel(
     a_ptr, w_ptr, sf_ptr, out_ptr, part_ptr, count_ptr, scalars_ptr,
     M, N, K, K_PER_SPLIT, stride_am, stride_om, SPLIT,
     ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, EVEN_N: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMA: tl.constexpr = False,
 ):  # fmt: skip
     """out[M, N] = alpha * a[M, K] @ W.T for few rows of `a` (decode), K a multiple of BK (itself a
     multiple of 64). The weight is the MMA's first operand (its rows on the MMA's M side, tokens on N),
@@ -151,11 +236,37 @@ def _nvfp4_gemv_kernel(
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     nmask = (rn < N) | EVEN_N  # EVEN_N: no row falls outside
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
-    for k0 in range(pid_k * K_PER_SPLIT, tl.minimum((pid_k + 1) * K_PER_SPLIT, K), BK):
-        w = _nvfp4_tile(w_ptr, sf_ptr, rn, nmask, k0, K, ASM, BN, BK)
-        a = tl.load(a_ptr + rm[:, None] * stride_am + k0 + tl.arange(0, BK)[None, :], mask=rm[:, None] < M, other=0.0)
-        acc = _mma_t(acc, w, a, ASM)
+    if FMA:  # one row of activations (BM == 1): fp32 products summed in registers, no MMA, no shared memory
+        acc2 = tl.zeros((BN, BK // 8), dtype=tl.float32)
+        k_end = tl.minimum((pid_k + 1) * K_PER_SPLIT, K)
+        nxt, nxt_sw = _load_words(w_ptr, sf_ptr, rn, nmask, pid_k * K_PER_SPLIT, K, BK)
+        xp = a_ptr + pid_k * K_PER_SPLIT + 8 * tl.arange(0, BK // 8)[None, :]  # element j of each word: xp + j
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x8(xp, None)
+        for k0 in range(pid_k * K_PER_SPLIT, k_end, BK):
+            # this tile's operands were loaded one iteration ahead: the next ones fly during this math
+            words, sfb = nxt, _scale_bytes(nxt_sw, BN, BK)
+            y0, y1, y2, y3, y4, y5, y6, y7 = x0, x1, x2, x3, x4, x5, x6, x7
+            more = k0 + BK < k_end
+            nxt, nxt_sw = _load_words(w_ptr, sf_ptr, rn, rn < tl.where(more, N, 0), k0 + BK, K, BK)
+            xp += BK
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x8(xp, k0 + BK + 8 * tl.arange(0, BK // 8)[None, :] < k_end)
+            r0, r1, r2, r3 = _code_pairs(words, ASM)
+            p = _lo(r0) * y0  # a word's 8 products, then its scale once
+            p += _hi(r0) * y1
+            p += _lo(r1) * y2
+            p += _hi(r1) * y3
+            p += _lo(r2) * y4
+            p += _hi(r2) * y5
+            p += _lo(r3) * y6
+            p += _hi(r3) * y7
+            acc2 += p * _scale_f32(sfb)
+        acc = tl.reshape(tl.sum(acc2, axis=1), (BN, BM))
+    else:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+        for k0 in range(pid_k * K_PER_SPLIT, tl.minimum((pid_k + 1) * K_PER_SPLIT, K), BK):
+            w = _nvfp4_tile(w_ptr, sf_ptr, rn, nmask, k0, K, ASM, BN, BK)
+            a = tl.load(a_ptr + rm[:, None] * stride_am + k0 + tl.arange(0, BK)[None, :], mask=rm[:, None] < M, other=0.0)
+            acc = _mma_t(acc, w, a, ASM)
     omask = (rn[:, None] < N) & (rm[None, :] < M)
     alpha = tl.load(scalars_ptr + ALPHA_IDX) * 256.0
     optrs = out_ptr + rm[None, :] * stride_om + rn[:, None]
@@ -229,9 +340,15 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 def _gemv_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
     """(BM, BN, BK, warps, K splits, stages) for the GEMV kernel, from a sweep on an H100 (BENCHMARKS.md):
-    small tiles, K split until there are ~2 programs per SM."""
+    small tiles, K split until there are ~2 programs per SM. BM = 1 (one row) is the FMA variant."""
     if interpreting():
-        return 16, 16, 64, 4, (2 if k >= 128 else 1), 1
+        return (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1), 1
+    if m == 1:
+        bk = 256 if k % 256 == 0 else 128 if k % 128 == 0 else 64
+        bn, tiles, split = 32, triton.cdiv(n, 32), 1
+        while tiles * split < 1024 and k // (split * 2) >= bk:
+            split *= 2
+        return 1, bn, bk, 2, split, 1
     bm = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
     bn, warps = (64, 4) if n * k >= 1 << 24 else (32, 2)
     bk = 128 if k % 128 == 0 else 64
@@ -261,7 +378,8 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     recipe (exact bf16 `code x scale` values), then both modes multiply the same way: up to GEMV_MAX_M
     rows with the GEMV kernel, else with a transient BF16 copy of the weight and cuBLAS (fp32
     accumulation, alpha in fp32). `out_dtype=torch.float32` keeps the fp32 accumulator (for checking
-    against fp64); `config` = (BM, BN, BK, warps, splits, stages) forces the GEMV kernel's tiling."""
+    against fp64); `config` = (BM, BN, BK, warps, splits, stages) forces the GEMV kernel's tiling (BM = 1:
+    one row of activations, fp32 FMAs instead of the MMA)."""
     if mode not in ("w4a16", "w4a4"):
         raise ValueError(f"mode must be w4a16 or w4a4, not {mode!r}")
     *lead, K = x.shape
@@ -275,6 +393,8 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
         a = nvfp4_fake_quantize(a, w.scalars[1:])
     M = a.shape[0]
     idx = 0 if mode == "w4a16" else 1
+    if config is not None and config[0] == 1 and M != 1:
+        raise ValueError(f"the one-row GEMV (BM = 1) got {M} rows")
     if config is None and (M > GEMV_MAX_M or K % 64):
         return _dequant_matmul(a, w, idx, out_dtype).reshape(*lead, N)
     bm, bn, bk, warps, split, stages = config or _gemv_blocks(M, N, K)
@@ -288,7 +408,7 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
         a, w.weight.view(torch.int32), w.weight_scale.view(torch.int32), out, parts, counters, w.scalars,
         M, N, K, per_split, a.stride(0), out.stride(0), split,
         ALPHA_IDX=idx, ASM=not interpreting(), EVEN_N=N % bn == 0,
-        BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
+        BM=bm, BN=bn, BK=bk, FMA=bm == 1, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out.reshape(*lead, N)
 

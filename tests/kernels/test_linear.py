@@ -6,6 +6,7 @@ import torch
 from stepquant.formats import FORMATS
 from stepquant.kernels.linear import (
     NVFP4Weight,
+    _gemv_blocks,
     dequantize_nvfp4,
     nvfp4_dequantize,
     nvfp4_fake_quantize,
@@ -62,6 +63,24 @@ def test_w4a4_matches_fp64_reference(device, n, k):
     assert _rel(out32, ref) < 1e-5  # exact products; only the fp32 summation order differs
     out = nvfp4_linear(x, w, mode="w4a4")
     assert out.dtype == torch.bfloat16 and _rel(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+@pytest.mark.parametrize("n, k", [(48, 64), (40, 256)])
+def test_one_row_fma_kernel_matches_reference(device, mode, n, k):
+    """Decode's one-row GEMV (bare E2M1 values from the PTX tables, fp32 FMAs, the scale once a word)."""
+    p, x, isc = _layer(n, k, 5, device)
+    p["weight_scale"][0, 0] = torch.tensor(2.0**-9).to(torch.float8_e4m3fn)  # a subnormal E4M3 scale
+    p["weight_scale"][1, -1] = torch.tensor(448.0).to(torch.float8_e4m3fn)  # the largest
+    x = x[1:2]
+    ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode=mode)
+    w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc)
+    assert _gemv_blocks(1, n, k)[0] == 1
+    assert _rel(nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32), ref) < 1e-5
+    split = nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32, config=(1, 16, 64, 4, k // 64, 1))
+    assert _rel(split, ref) < 1e-5
+    with pytest.raises(ValueError, match="got 5 rows"):
+        nvfp4_linear(torch.cat([x] * 5), w, config=(1, 16, 64, 4, 1, 1))
 
 
 def test_split_k_is_deterministic_and_rearms(device):
