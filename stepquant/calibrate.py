@@ -43,8 +43,13 @@ def _update(store: dict, key: str, value: torch.Tensor) -> None:
     store[key] = torch.maximum(store[key], value) if key in store else value
 
 
-def load_model(root: Path, config: dict, device: str = "cpu", trust_remote_code: bool = False):
-    """The family's transformers model in BF16, eager fused experts (so F.linear sees every expert)."""
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def load_model(root: Path, config: dict, device: str = "cpu", trust_remote_code: bool = False, dtype: str = "bfloat16"):
+    """The family's transformers model, eager fused experts (so F.linear sees every expert). In BF16, or
+    in float32 to take BF16 rounding of everything but the quantized Linears out of a comparison (the
+    BF16 weights are exact in fp32)."""
     import transformers
 
     arch = (config.get("architectures") or [None])[0]
@@ -56,7 +61,7 @@ def load_model(root: Path, config: dict, device: str = "cpu", trust_remote_code:
     try:
         model = cls.from_pretrained(
             root,
-            dtype=torch.bfloat16,
+            dtype=COMPUTE_DTYPES[dtype],
             experts_implementation="eager",
             trust_remote_code=trust_remote_code,
         )

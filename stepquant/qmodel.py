@@ -59,8 +59,11 @@ class QWeight:
 
 
 def qlinear(x: torch.Tensor, q: QWeight, mode: str) -> torch.Tensor:
-    """`x @ W.T` for a quantized weight, BF16 out."""
+    """`x @ W.T` for a quantized weight: BF16 inputs (as engines feed them, whatever the model's
+    dtype), BF16 out."""
     from .kernels.fp8 import fp8_block_linear, fp8_linear
+
+    x = x.to(torch.bfloat16)
 
     if q.fmt == "fp8":
         return fp8_linear(x, q.parts["weight"], q.parts["weight_scale"], q.parts["input_scale"])

@@ -24,6 +24,7 @@ class VerifyOptions:
     ref: str
     mode: str = "w4a4"  # NVFP4 execution: w4a4 (Blackwell) or w4a16 (Hopper engines)
     device: str = "cpu"
+    compute_dtype: str = "bfloat16"  # of the reference model; quantized Linears take BF16 inputs either way
     eval_data: str | None = None  # None: the embedded calibration-free text
     eval_samples: int = 8
     eval_seq_len: int = 256
@@ -73,7 +74,7 @@ def _verify_here(dst, opts: VerifyOptions, echo) -> dict:
 
     with open_checkpoint(dst) as ckpt, open_checkpoint(opts.ref) as ref:
         family = detect_family(ref.config) or GENERIC
-        model = load_model(ref.root, ref.config, opts.device, opts.trust_remote_code)
+        model = load_model(ref.root, ref.config, opts.device, opts.trust_remote_code, opts.compute_dtype)
         qm = attach(model, ckpt, ref, family.memory_names, opts.device)
         echo(f"{ckpt.root.name}: {qm.units} quantized module(s) run as {opts.mode} on {opts.device}")
         batches, corpus = eval_batches(opts.eval_data, ref.root, opts.eval_samples, opts.eval_seq_len)

@@ -14,6 +14,9 @@ from ..verify import VerifyOptions, verify
 @click.option("--mode", type=click.Choice(MODES), default="w4a4", show_default=True,
               help="NVFP4 execution: w4a4 as Blackwell computes it, w4a16 as Hopper engines do.")
 @click.option("--device", default="cpu", show_default=True, help="cpu (exact emulation) or cuda (Triton kernels).")
+@click.option("--compute-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
+              help="Dtype of the reference model around the quantized Linears (whose inputs are BF16 either way); "
+                   "float32 keeps BF16 rounding elsewhere out of the comparison.")
 @click.option("--eval-data", help="Fidelity corpus: a .txt/.jsonl file, token JSON or HF dataset id (default: embedded).")
 @click.option("--eval-samples", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--eval-seq-len", type=click.IntRange(2), default=256, show_default=True)
