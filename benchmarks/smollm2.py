@@ -9,6 +9,7 @@ devices can be compared (`compare`).
   python benchmarks/smollm2.py logits --dir build/smollm2 --device cuda --save FILE|DIR [--dtype float32]
   python benchmarks/smollm2.py throughput --dir build/smollm2 --device cuda
   python benchmarks/smollm2.py layers --dir build/smollm2      (needs CUDA: CPU vs GPU per quantized Linear)
+  python benchmarks/smollm2.py sensitivity --dir build/smollm2 [--noise 1e-6]
   python benchmarks/smollm2.py compare A B
 """
 
@@ -120,6 +121,33 @@ def logits(root: Path, device: str, save: Path, seq_len: int = 128, dtype: str =
             save_file({label: t}, str(save / f"{label}.safetensors"))
 
 
+def sensitivity(root: Path, noise: float = 1e-6, mode: str = "w4a16", seq_len: int = 48) -> float:
+    """How far the NVFP4 model's logits move (relative L2, CPU, fp32 reference) when every quantized
+    Linear's input is multiplied by 1 + noise N(0, 1): the floor for any two implementations whose
+    activations are not bit-identical."""
+    orig = qmodel.qlinear
+    g = torch.Generator().manual_seed(0)
+
+    def forward(eps: float) -> torch.Tensor:
+        def perturbed(x, q, m):
+            return orig(x * (1 + eps * torch.randn(x.shape, generator=g)) if eps else x, q, m)
+
+        qmodel.qlinear = perturbed
+        try:
+            with open_checkpoint(root / "bf16") as ref, open_checkpoint(root / "nvfp4") as ckpt:
+                (ids,), _ = eval_batches(None, ref.root, 1, seq_len)
+                model = load_model(ref.root, ref.config, "cpu", False, "float32")
+                qm = qmodel.attach(model, ckpt, ref, (detect_family(ref.config) or GENERIC).memory_names, "cpu")
+                with qm.quantized(mode), torch.no_grad():
+                    return model(input_ids=ids).logits.double()
+        finally:
+            qmodel.qlinear = orig
+
+    build(root)
+    a, b = forward(0.0), forward(noise)
+    return float((a - b).norm() / a.norm())
+
+
 def throughput(root: Path, device: str, batch: int = 8, new_tokens: int = 128) -> list[dict]:
     """Greedy generation (KV cache, `batch` chat prompts, exactly `new_tokens` each): tokens/s for the
     reference and for every quantized mode."""
@@ -225,6 +253,9 @@ def main() -> None:
     t.add_argument("--new-tokens", type=int, default=128)
     y = sub.add_parser("layers")
     y.add_argument("--dir", type=Path, required=True)
+    n = sub.add_parser("sensitivity")
+    n.add_argument("--dir", type=Path, required=True)
+    n.add_argument("--noise", type=float, default=1e-6)
     c = sub.add_parser("compare")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
@@ -249,6 +280,8 @@ def main() -> None:
         for mode in ("w4a16", "w4a4"):
             r = layers(args.dir, mode)
             print(f"{mode}: {r['layers']} quantized Linear calls, CPU vs CUDA relative L2 difference median {r['median']:.2e}, max {r['max']:.2e}")
+    elif args.cmd == "sensitivity":
+        print(f"w4a16 logits move by {sensitivity(args.dir, args.noise):.2e} (relative L2) under {args.noise:g} input noise")
     elif args.cmd == "logits":
         logits(args.dir, args.device, args.save, args.seq_len, args.dtype)
     else:
