@@ -29,6 +29,9 @@ C) {C}
 D) {D}
 """.strip()
 ANSWER_PATTERN = r"(?i)Answer[ \t]*:[ \t]*\$?([A-D])\$?"
+# lm-eval's `gpqa_*_zeroshot` (the log-likelihood variant): this prompt, continuations " (A)" .. " (D)"
+LOGLIK_TEMPLATE = "What is the correct answer to this question:{Question}\nChoices:\n(A) {A}\n(B) {B}\n(C) {C}\n(D) {D}\nAnswer:"
+LOGLIK_CHOICES = ("(A)", "(B)", "(C)", "(D)")
 COLUMNS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 HF_DATASET = "Idavidrein/gpqa"
 VARIANTS = {"diamond": "gpqa_diamond", "main": "gpqa_main", "extended": "gpqa_extended"}
@@ -107,6 +110,17 @@ def prompt(ex: Example) -> str:
     return TEMPLATE.format(Question=ex.question, A=ex.choices[0], B=ex.choices[1], C=ex.choices[2], D=ex.choices[3])
 
 
+def _lm_eval_clean(text: str) -> str:
+    """lm-eval's GPQA text cleanup: trimmed, " [title]" -> ". ", bracketed spans dropped, double spaces halved."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def loglik_prompt(ex: Example) -> str:
+    c = [_lm_eval_clean(x) for x in ex.choices]
+    return LOGLIK_TEMPLATE.format(Question=_lm_eval_clean(ex.question), A=c[0], B=c[1], C=c[2], D=c[3])
+
+
 def strip_thinking(text: str) -> str:
     """A reasoning model's answer without its thinking (`<think>...</think>`, or all before a lone `</think>`)."""
     text = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
@@ -139,11 +153,11 @@ def paired(exs: Sequence[Example], ref: Sequence[float], quant: Sequence[float])
 
 
 def run(exs: Sequence[Example], answer: Callable[[list[str]], list[str]], batch: int = 8,
-        progress: Callable[[int], None] | None = None) -> list[str]:  # fmt: skip
+        progress: Callable[[int], None] | None = None, make_prompt: Callable[[Example], str] = prompt) -> list[str]:  # fmt: skip
     """Responses for every example, `batch` prompts at a time through `answer` (prompts -> texts)."""
     out: list[str] = []
     for i in range(0, len(exs), batch):
-        out += answer([prompt(e) for e in exs[i : i + batch]])
+        out += answer([make_prompt(e) for e in exs[i : i + batch]])
         if progress:
             progress(len(out))
     return out
@@ -172,3 +186,25 @@ def generator(model, tokenizer, device: str, max_new_tokens: int, temperature: f
         return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
     return answer
+
+
+def loglik_chooser(model, tokenizer, device: str) -> Callable[[list[str]], list[str]]:
+    """prompts (`loglik_prompt`) -> "Answer: X" for the continuation " (X)" of highest log-likelihood,
+    lm-eval's way: no chat template; the continuation's tokens are those the whole text has beyond
+    the prompt's own encoding; one forward pass over the four texts of a prompt."""
+    import torch
+
+    def choose(prompts: list[str]) -> list[str]:
+        out = []
+        for ctx in prompts:
+            n_ctx = len(tokenizer(ctx)["input_ids"])
+            seqs = [tokenizer(ctx + " " + c)["input_ids"] for c in LOGLIK_CHOICES]
+            width = max(map(len, seqs))
+            ids = torch.tensor([s + [s[-1]] * (width - len(s)) for s in seqs], device=device)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+            scores = [float(sum(logp[i, t - 1, s[t]] for t in range(n_ctx, len(s)))) for i, s in enumerate(seqs)]
+            out.append("Answer: " + "ABCD"[max(range(4), key=scores.__getitem__)])
+        return out
+
+    return choose

@@ -30,6 +30,7 @@ class VerifyOptions:
     eval_seq_len: int = 256
     gpqa: str | None = None
     repeats: int = 8
+    gpqa_mode: str = "generate"  # simple-evals generation, or "loglik" (lm-eval's zeroshot variant)
     gpqa_limit: int | None = None
     max_new_tokens: int = 2048
     temperature: float = 0.0
@@ -89,10 +90,10 @@ def _verify_here(dst, opts: VerifyOptions, echo) -> dict:
              f" over {fid['tokens']} tokens")  # fmt: skip
         if opts.gpqa:
             exs = _gpqa_examples(opts, echo, "reference then quantized")
-            answer = _local_answerer(qm.model, ref.root, opts)
-            ref_scores = gpqa.score(exs, gpqa.run(exs, answer, opts.batch))
+            answer, make_prompt = _local_answerer(qm.model, ref.root, opts)
+            ref_scores = gpqa.score(exs, gpqa.run(exs, answer, opts.batch, make_prompt=make_prompt))
             with qm.quantized(opts.mode):
-                q_scores = gpqa.score(exs, gpqa.run(exs, answer, opts.batch))
+                q_scores = gpqa.score(exs, gpqa.run(exs, answer, opts.batch, make_prompt=make_prompt))
             report["gpqa"] = _gpqa_result(exs, ref_scores, q_scores, echo)
     return report
 
@@ -104,6 +105,8 @@ def _verify_endpoint(dst, opts: VerifyOptions, echo) -> dict:
 
     if not opts.gpqa:
         raise StepquantError("--endpoint measures GPQA only: give --gpqa (a chat endpoint has no logits for KL or perplexity)")
+    if opts.gpqa_mode != "generate":
+        raise StepquantError("--endpoint runs --gpqa-mode generate only (a chat endpoint gives no log-likelihoods)")
     if not opts.model:
         raise StepquantError("--endpoint needs --model, the name the server gives the checkpoint")
     cache = Path(opts.gpqa_cache) if opts.gpqa_cache else (Path(opts.report) / "gpqa-answers.jsonl" if opts.report else None)
@@ -119,7 +122,8 @@ def _verify_endpoint(dst, opts: VerifyOptions, echo) -> dict:
 
         with open_checkpoint(opts.ref) as ref:
             model = load_model(ref.root, ref.config, opts.device, opts.trust_remote_code)
-            ref_scores = gpqa.score(exs, gpqa.run(exs, _local_answerer(model, ref.root, opts), opts.batch))
+            answer, _ = _local_answerer(model, ref.root, opts)
+            ref_scores = gpqa.score(exs, gpqa.run(exs, answer, opts.batch))
             reference = str(ref.root)
     return {
         "producer": {"name": "stepquant", "version": __version__}, "checkpoint": str(dst), "reference": reference,
@@ -135,14 +139,17 @@ def _gpqa_examples(opts: VerifyOptions, echo, how: str) -> list:
 
 
 def _local_answerer(model, root: Path, opts: VerifyOptions):
-    """prompts -> responses from `model` here, with the reference's tokenizer and chat template."""
+    """(prompts -> responses from `model` here with the reference's tokenizer, the prompt maker) for
+    the GPQA mode: generation with the chat template, or lm-eval's log-likelihood choice."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(root, trust_remote_code=opts.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise StepquantError(f"{root}: no usable tokenizer for GPQA ({type(exc).__name__})") from None
-    return gpqa.generator(model, tok, opts.device, opts.max_new_tokens, opts.temperature, opts.top_p)
+    if opts.gpqa_mode == "loglik":
+        return gpqa.loglik_chooser(model, tok, opts.device), gpqa.loglik_prompt
+    return gpqa.generator(model, tok, opts.device, opts.max_new_tokens, opts.temperature, opts.top_p), gpqa.prompt
 
 
 def _gpqa_result(exs, ref_scores, q_scores, echo) -> dict:
@@ -172,7 +179,8 @@ def format_table(r: dict) -> str:
     g = r.get("gpqa")
     if g:
         se = "-" if g["paired_se"] is None else f"{100 * g['paired_se']:.2f}"
-        lines.append(f"| GPQA accuracy ({g['n']} questions x {g['samples'] // g['n']}) | {100 * g['accuracy']['ref']:.2f}% | "
+        how = ", lm-eval log-likelihood" if r.get("options", {}).get("gpqa_mode") == "loglik" else ""
+        lines.append(f"| GPQA accuracy ({g['n']} questions x {g['samples'] // g['n']}{how}) | {100 * g['accuracy']['ref']:.2f}% | "
                      f"{100 * g['accuracy']['quant']:.2f}% (paired {100 * g['paired_diff']:+.2f} ± {se} pp) |")  # fmt: skip
     sq = [v for v in r["sqnr_db"].values() if math.isfinite(v)]
     if sq:

@@ -46,6 +46,13 @@ def test_prompt_is_the_simple_evals_template():
     )
 
 
+def test_loglik_prompt_is_lm_evals_zeroshot_template():
+    row = {"Question": " Which one [1]? ", "Correct Answer": "x [title]y", "Incorrect Answer 1": "a  b",
+           "Incorrect Answer 2": "c", "Incorrect Answer 3": "d"}  # fmt: skip
+    ex = gpqa.examples([row], 1)[0]  # Random(0): [inc3, inc1, correct, inc2]
+    assert gpqa.loglik_prompt(ex) == "What is the correct answer to this question:Which one ?\nChoices:\n(A) d\n(B) a b\n(C) x. y\n(D) c\nAnswer:"
+
+
 @pytest.mark.parametrize("text, letter", [
     ("so... Answer: B", "B"), ("ANSWER:$C$", "C"), ("Answer :\tD\nAnswer: A", "D"), ("answer: b", "b"),
     ("The answer is B", None), ("<think>Answer: A</think>Answer: C", "C"), ("Answer: A</think> final: Answer: D", "D"),

@@ -50,6 +50,36 @@ def test_gpqa_end_to_end_with_report_and_exit_code(demo_ckpt, builds, tmp_path):
         assert "Q0?" not in text and "right1" not in text  # questions and answers never in clear
 
 
+def test_gpqa_loglik_picks_the_likeliest_continuation(demo_ckpt, builds, tmp_path):
+    """lm-eval's variant: the letter whose " (X)" continuation the model finds likeliest, computed here
+    by hand from the logits; and end to end through verify."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from stepquant import gpqa
+    from stepquant.calibrate import load_model
+    from stepquant.checkpoint import open_checkpoint
+
+    with open_checkpoint(demo_ckpt) as ref:
+        model = load_model(ref.root, ref.config)
+    tok = AutoTokenizer.from_pretrained(demo_ckpt)
+    exs = gpqa.examples(ROWS, 1)
+    got = gpqa.run(exs, gpqa.loglik_chooser(model, tok, "cpu"), 2, make_prompt=gpqa.loglik_prompt)
+    for ex, answer in zip(exs, got):
+        ctx = gpqa.loglik_prompt(ex)
+        n = len(tok(ctx)["input_ids"])
+        scores = []
+        for c in ("(A)", "(B)", "(C)", "(D)"):
+            ids = tok(ctx + " " + c)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            scores.append(sum(float(logp[t - 1, ids[t]]) for t in range(n, len(ids))))
+        assert answer == "Answer: " + "ABCD"[scores.index(max(scores))]
+    r = verify(builds[0], VerifyOptions(ref=str(demo_ckpt), gpqa=str(write_csv(tmp_path / "g.csv")), gpqa_mode="loglik",
+                                        repeats=2, eval_samples=1, eval_seq_len=16, min_recovery=0))  # fmt: skip
+    assert r["gpqa"]["samples"] == 6 and r["options"]["gpqa_mode"] == "loglik"
+
+
 def test_failing_recovery_exits_1(demo_ckpt, builds, tmp_path, monkeypatch):
     from click.testing import CliRunner
 

@@ -21,6 +21,9 @@ from ..verify import VerifyOptions, verify
 @click.option("--eval-samples", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--eval-seq-len", type=click.IntRange(2), default=256, show_default=True)
 @click.option("--gpqa", help="GPQA rows: a CSV/JSON/JSONL file, or hf:diamond|main|extended (gated).")
+@click.option("--gpqa-mode", type=click.Choice(["generate", "loglik"]), default="generate", show_default=True,
+              help="generate: simple-evals (chat template, reasoning, answer regex); loglik: lm-eval's zeroshot "
+                   "variant (the choice \" (A)\"..\" (D)\" of highest log-likelihood).")
 @click.option("--repeats", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--gpqa-limit", type=click.IntRange(1), help="Only the first N questions.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=2048, show_default=True)
