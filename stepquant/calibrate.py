@@ -122,14 +122,36 @@ def _recording(model: torch.nn.Module, stats: CalibStats):
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
 
+    def before(module, key, value):
+        _update(stats.k, names[module], _amax(key))
+        _update(stats.v, names[module], _amax(value))
+        return key, value
+
+    F.linear = linear
+    try:
+        with wrapped_attention(model, before):
+            yield
+    finally:
+        F.linear = orig_linear
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def wrapped_attention(model: torch.nn.Module, before):
+    """While active, `before(module, key, value) -> (key, value)` sees and may replace the keys and values
+    every attention layer consumes (after k_norm and RoPE), through transformers' attention interface;
+    the model's own attention implementation then runs on them."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     cfgs = [model.config] + [getattr(model.config, k) for k in ("text_config",) if getattr(model.config, k, None)]
     previous = [c._attn_implementation for c in cfgs]
-    inner = ALL_ATTENTION_FUNCTIONS[previous[-1] or "sdpa"] if (previous[-1] or "sdpa") != "eager" else None
+    impl = previous[-1] or "sdpa"
+    inner = ALL_ATTENTION_FUNCTIONS[impl] if impl != "eager" else None
 
     def attention(module, query, key, value, *args, **kwargs):
-        name = names[module]
-        _update(stats.k, name, _amax(key))
-        _update(stats.v, name, _amax(value))
+        key, value = before(module, key, value)
         if inner is None:
             import importlib
 
@@ -139,17 +161,13 @@ def _recording(model: torch.nn.Module, stats: CalibStats):
         return inner(module, query, key, value, *args, **kwargs)
 
     AttentionInterface.register(ATTN_NAME, attention)
-    F.linear = linear
     try:
         for c in cfgs:
             c._attn_implementation = ATTN_NAME
         yield
     finally:
-        F.linear = orig_linear
         for c, prev in zip(cfgs, previous):
             c._attn_implementation = prev
-        for h in handles:
-            h.remove()
 
 
 def _vec_update(store: dict, key: str, n: int, e: int, value: torch.Tensor) -> None:

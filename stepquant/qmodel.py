@@ -9,7 +9,9 @@ ModelOpt's exports) is registered against the parameter it replaces; while `quan
   `x weight_scale_2`; `w4a4`: activations quantized first with Blackwell's recipe (SPEC §9), `alpha =
   input_scale x weight_scale_2` (kernels on CUDA, the same numbers in fp32 torch on the CPU);
 - FP8: static per-tensor activations, `torch._scaled_mm` on CUDA, exact emulation on the CPU; block FP8:
-  the weight dequantized.
+  the weight dequantized;
+- FP8 KV cache: where the checkpoint has `k_scale`/`v_scale`, the keys and values every attention layer
+  consumes are rounded to E4M3 with them (saturating at 448) and scaled back, as an FP8 cache stores them.
 
 Fused experts call `F.linear` once per expert and projection with a slice of the 3-D parameter; the
 expert is recovered from the slice's storage offset. Everything else (router, SwiGLU clamp, attention)
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .calibrate import _is_fused_experts, canonical_layer, canonical_module
+from .calibrate import _is_fused_experts, canonical_layer, canonical_module, wrapped_attention
 from .checkpoint import Checkpoint, same_tensor
 from .errors import StepquantError
 from .naming import canonical_names
@@ -92,11 +94,12 @@ class QuantizedModel:
     """A reference model plus the quantized weights that replace some of its parameters."""
 
     def __init__(self, model: torch.nn.Module, linears: dict[int, QWeight], experts: dict[int, list[QWeight]],
-                 units: int) -> None:  # fmt: skip
+                 units: int, kv: dict[torch.nn.Module, tuple[float, float]] | None = None) -> None:  # fmt: skip
         self.model = model
         self.linears = linears
         self.experts = experts
         self.units = units
+        self.kv = kv or {}  # attention module -> (k_scale, v_scale) of an FP8 KV cache
 
     def lookup(self, weight: torch.Tensor) -> QWeight | None:
         q = self.linears.get(id(weight))
@@ -110,7 +113,8 @@ class QuantizedModel:
 
     @contextmanager
     def quantized(self, mode: str = "w4a4"):
-        """While active, the model computes with the checkpoint's quantized weights."""
+        """While active, the model computes with the checkpoint's quantized weights and its FP8 KV
+        cache (the layers in `kv`; clear it to leave the cache in BF16)."""
         if mode not in MODES:
             raise StepquantError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
         orig = F.linear
@@ -122,11 +126,26 @@ class QuantizedModel:
             out = qlinear(input, q, mode).to(input.dtype)
             return out + bias if bias is not None else out
 
+        def fp8_cache(module, key, value):
+            scales = self.kv.get(module)
+            return (key, value) if scales is None else (fp8_kv(key, scales[0]), fp8_kv(value, scales[1]))
+
         F.linear = linear
         try:
-            yield self.model
+            if self.kv:
+                with wrapped_attention(self.model, fp8_cache):
+                    yield self.model
+            else:
+                yield self.model
         finally:
             F.linear = orig
+
+
+def fp8_kv(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """What an FP8 (E4M3) KV cache gives back for `t` stored with `scale`: t / scale rounded to E4M3
+    (saturating at +-448), times scale."""
+    q = (t.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(t.dtype)
 
 
 def attach(model: torch.nn.Module, ckpt: Checkpoint, ref: Checkpoint, memory_names, device: str) -> QuantizedModel:
@@ -165,7 +184,23 @@ def attach(model: torch.nn.Module, ckpt: Checkpoint, ref: Checkpoint, memory_nam
     wanted = len(lin_by_module) + len(exp_by_layer)
     if found != wanted:
         raise StepquantError(f"{ckpt.root}: {wanted - found} quantized module(s) have no counterpart in the transformers model")
-    return QuantizedModel(model, linears, experts, wanted)
+    return QuantizedModel(model, linears, experts, wanted, _kv_scales(model, ckpt, memory_names))
+
+
+def _kv_scales(model: torch.nn.Module, ckpt: Checkpoint, memory_names) -> dict[torch.nn.Module, tuple[float, float]]:
+    """Attention module -> (k_scale, v_scale) for every layer whose FP8 KV scales the checkpoint holds."""
+    _, _, names = canonical_names(list(ckpt.tensors))  # canonical -> the checkpoint's name
+    scales = {}
+    for canon, name in names.items():
+        if canon.endswith(".k_proj.k_scale") and canon.replace(".k_proj.k_scale", ".v_proj.v_scale") in names:
+            attn = canon[: -len(".k_proj.k_scale")]
+            v = names[canon.replace(".k_proj.k_scale", ".v_proj.v_scale")]
+            scales[attn] = (float(ckpt.read(name).float()), float(ckpt.read(v).float()))
+    out = {m: scales[canonical_module(n, memory_names)] for n, m in model.named_modules()
+           if canonical_module(n, memory_names) in scales}  # fmt: skip
+    if len(out) != len(scales):
+        raise StepquantError(f"{ckpt.root}: {len(scales) - len(out)} layer(s) with KV-cache scales have no attention module in the transformers model")
+    return out
 
 
 def _same_unquantized(ckpt: Checkpoint, plan: Plan, ref: Checkpoint) -> None:

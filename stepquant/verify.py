@@ -24,6 +24,7 @@ class VerifyOptions:
     ref: str
     mode: str = "w4a4"  # NVFP4 execution: w4a4 (Blackwell) or w4a16 (Hopper engines)
     device: str = "cpu"
+    kv_cache: str = "auto"  # auto: FP8 KV cache emulated where the checkpoint has k/v scales; none: BF16 cache
     compute_dtype: str = "bfloat16"  # of the reference model; quantized Linears take BF16 inputs either way
     eval_data: str | None = None  # None: the embedded calibration-free text
     eval_samples: int = 8
@@ -77,12 +78,16 @@ def _verify_here(dst, opts: VerifyOptions, echo) -> dict:
         family = detect_family(ref.config) or GENERIC
         model = load_model(ref.root, ref.config, opts.device, opts.trust_remote_code, opts.compute_dtype)
         qm = attach(model, ckpt, ref, family.memory_names, opts.device)
-        echo(f"{ckpt.root.name}: {qm.units} quantized module(s) run as {opts.mode} on {opts.device}")
+        if opts.kv_cache == "none":
+            qm.kv = {}
+        kv = f"FP8 KV cache in {len(qm.kv)} layer(s)" if qm.kv else "BF16 KV cache"
+        echo(f"{ckpt.root.name}: {qm.units} quantized module(s) run as {opts.mode} on {opts.device}, {kv}")
         batches, corpus = eval_batches(opts.eval_data, ref.root, opts.eval_samples, opts.eval_seq_len)
         fid = measure(qm, batches, opts.mode, opts.device)
         report = {
             "producer": {"name": "stepquant", "version": __version__},
             "checkpoint": str(ckpt.root), "reference": str(ref.root), "mode": opts.mode, "device": opts.device,
+            "kv_cache": {"dtype": "fp8" if qm.kv else "bf16", "layers": len(qm.kv)},
             "corpus": corpus, "tokens": fid["tokens"], "kl": fid["kl"], "top1": fid["top1"], "ppl": fid["ppl"],
             "sqnr_db": fid["sqnr_db"], "kl_quantiles": _quantiles(fid["kl_values"]),
         }  # fmt: skip
@@ -172,7 +177,9 @@ def format_table(r: dict) -> str:
         lines = [f"Measured by stepquant {r['producer']['version']} through the endpoint {r['device']}.", "",
                  "| metric | reference | quantized |", "|---|---|---|"]  # fmt: skip
     else:
-        lines = [f"Measured by stepquant {r['producer']['version']} as `{r['mode']}` on {r['device']}, {r['tokens']} tokens "
+        kv = r.get("kv_cache") or {}
+        cache = f", FP8 KV cache ({kv['layers']} layers)" if kv.get("dtype") == "fp8" else ""
+        lines = [f"Measured by stepquant {r['producer']['version']} as `{r['mode']}`{cache} on {r['device']}, {r['tokens']} tokens "
                  f"of {r['corpus']}.", "", "| metric | reference | quantized |", "|---|---|---|",
                  f"| perplexity | {r['ppl']['ref']:.4f} | {r['ppl']['quant']:.4f} |",
                  f"| mean KL divergence | - | {r['kl']:.5f} |", f"| same top-1 token | - | {100 * r['top1']:.2f}% |"]  # fmt: skip

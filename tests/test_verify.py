@@ -33,6 +33,27 @@ def test_nvfp4_runs_quantized_and_modes_differ(demo_ckpt, builds):
     assert 5 < a["sqnr_db"]["model.language_model.layers.3"] < 60
 
 
+def test_fp8_kv_cache_is_emulated_with_the_checkpoints_scales(demo_ckpt, builds):
+    a = verify(builds[0], VerifyOptions(ref=str(demo_ckpt), mode="w4a16", eval_samples=2, eval_seq_len=32))
+    b = verify(builds[0], VerifyOptions(ref=str(demo_ckpt), mode="w4a16", kv_cache="none", eval_samples=2, eval_seq_len=32))
+    assert a["kv_cache"]["dtype"] == "fp8" and a["kv_cache"]["layers"] == 4  # the demo's four attention layers
+    assert b["kv_cache"] == {"dtype": "bf16", "layers": 0}
+    assert a["kl"] != b["kl"] and a["ppl"]["ref"] == b["ppl"]["ref"]
+    from stepquant.verify import format_table
+
+    assert "FP8 KV cache (4 layers)" in format_table(a)
+
+
+def test_fp8_kv_rounds_to_e4m3_and_saturates():
+    import torch
+
+    from stepquant.qmodel import fp8_kv
+
+    t = torch.tensor([0.0, 1.0, 1.06, -3.3, 1000.0, -1000.0], dtype=torch.bfloat16)
+    out = fp8_kv(t, 0.5)
+    assert out.tolist() == [0.0, 1.0, 1.0, -3.25, 224.0, -224.0]  # /0.5 -> E4M3 (3 mantissa bits, max 448) -> x0.5
+
+
 def test_gpqa_end_to_end_with_report_and_exit_code(demo_ckpt, builds, tmp_path):
     data = write_csv(tmp_path / "gpqa.csv")
     rep = tmp_path / "report"

@@ -14,6 +14,8 @@ from ..verify import VerifyOptions, verify
 @click.option("--mode", type=click.Choice(MODES), default="w4a4", show_default=True,
               help="NVFP4 execution: w4a4 as Blackwell computes it, w4a16 as Hopper engines do.")
 @click.option("--device", default="cpu", show_default=True, help="cpu (exact emulation) or cuda (Triton kernels).")
+@click.option("--kv-cache", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="auto: emulate the FP8 KV cache with the checkpoint's k/v scales where it has them; none: BF16 cache.")
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
               help="Dtype of the reference model around the quantized Linears (whose inputs are BF16 either way); "
                    "float32 keeps BF16 rounding elsewhere out of the comparison.")
