@@ -90,6 +90,7 @@ def _verify_here(dst, opts: VerifyOptions, echo) -> dict:
             "kv_cache": {"dtype": "fp8" if qm.kv else "bf16", "layers": len(qm.kv)},
             "corpus": corpus, "tokens": fid["tokens"], "kl": fid["kl"], "top1": fid["top1"], "ppl": fid["ppl"],
             "sqnr_db": fid["sqnr_db"], "kl_quantiles": _quantiles(fid["kl_values"]),
+            "kl_histogram": _kl_histogram(fid["kl_values"]),
         }  # fmt: skip
         echo(f"KL {fid['kl']:.5f}, top-1 {100 * fid['top1']:.2f}%, PPL {fid['ppl']['ref']:.3f} -> {fid['ppl']['quant']:.3f}"
              f" over {fid['tokens']} tokens")  # fmt: skip
@@ -171,6 +172,51 @@ def _quantiles(values: list[float]) -> dict:
     return {f"p{q}": v[min(len(v) - 1, int(q / 100 * len(v)))] for q in (50, 90, 99)} | {"max": v[-1]}
 
 
+def _kl_histogram(values: list[float], bins: int = 40) -> dict:
+    """Per-token KL counts over log-spaced bins (plus the exact zeros): small enough for report.json."""
+    pos = sorted(v for v in values if v > 0)
+    if not pos:
+        return {"zeros": len(values), "edges": [], "counts": []}
+    lo, hi = math.log10(pos[0]), math.log10(pos[-1]) + 1e-9
+    edges = [10 ** (lo + (hi - lo) * i / bins) for i in range(bins + 1)]
+    counts = [0] * bins
+    for v in pos:
+        counts[min(bins - 1, int((math.log10(v) - lo) / (hi - lo) * bins))] += 1
+    return {"zeros": len(values) - len(pos), "edges": edges, "counts": counts}
+
+
+def _plots(r: dict, out: Path) -> list[tuple[str, str]]:
+    """sqnr.png (per-layer output SQNR) and kl.png (per-token KL histogram) where the report has the
+    data; (title, file) of each written."""
+    from matplotlib.figure import Figure
+
+    made = []
+    sq = [(k, v) for k, v in r.get("sqnr_db", {}).items() if math.isfinite(v)]
+    if sq:
+        fig = Figure(figsize=(8, 3.5))
+        ax = fig.add_subplot()
+        ax.bar(range(len(sq)), [v for _, v in sq])
+        ax.set_xticks(range(len(sq)), [k.rsplit(".", 1)[-1] for k, _ in sq], fontsize=7)
+        ax.set(xlabel="layer", ylabel="output SQNR (dB)", title="Per-layer output SQNR, quantized vs reference")
+        fig.tight_layout()
+        fig.savefig(out / "sqnr.png.partial", format="png", dpi=100)
+        made.append(("Per-layer SQNR", "sqnr.png"))
+    h = r.get("kl_histogram") or {}
+    if h.get("counts"):
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.add_subplot()
+        ax.stairs(h["counts"], h["edges"], fill=True)
+        ax.set_xscale("log")
+        ax.set(xlabel="KL divergence per token (nats)", ylabel="tokens",
+               title=f"Next-token KL vs reference ({h['zeros']} tokens at 0)")  # fmt: skip
+        fig.tight_layout()
+        fig.savefig(out / "kl.png.partial", format="png", dpi=100)
+        made.append(("KL histogram", "kl.png"))
+    for _, name in made:
+        (out / (name + ".partial")).replace(out / name)
+    return made
+
+
 def format_table(r: dict) -> str:
     """The report as a Markdown table (also what `push` puts into the model card)."""
     if r["kl"] is None:  # endpoint mode: GPQA only
@@ -197,9 +243,10 @@ def format_table(r: dict) -> str:
 
 
 def write_report(r: dict, out: Path) -> None:
-    """report.json and report.md, written whole (temporary names, then renamed)."""
+    """report.json, report.md and its plots, each written whole (temporary names, then renamed)."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("report.json", json.dumps(r, indent=2) + "\n"), ("report.md", "# stepquant verify\n\n" + format_table(r))):
+    images = "".join(f"\n![{title}]({name})\n" for title, name in _plots(r, out))
+    for name, text in (("report.json", json.dumps(r, indent=2) + "\n"), ("report.md", "# stepquant verify\n\n" + format_table(r) + images)):
         tmp = out / (name + ".partial")
         tmp.write_text(text)
         tmp.replace(out / name)

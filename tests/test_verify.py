@@ -69,6 +69,11 @@ def test_gpqa_end_to_end_with_report_and_exit_code(demo_ckpt, builds, tmp_path):
         assert k in r
     md = (rep / "report.md").read_text()
     assert "GPQA accuracy (3 questions x 2)" in md
+    for png in ("sqnr.png", "kl.png"):  # real PNGs, linked from the report
+        assert (rep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in md
+    h = r["kl_histogram"]
+    assert h["zeros"] + sum(h["counts"]) == r["tokens"] and len(h["edges"]) == len(h["counts"]) + 1
+    assert not list(rep.glob("*.partial"))
     for text in (proc.stdout, proc.stderr, md, json.dumps(r)):
         assert "Q0?" not in text and "right1" not in text  # questions and answers never in clear
 
