@@ -65,13 +65,8 @@ def _fp4_bits_to_f32(code):
 # Magnitudes are looked up in byte tables with prmt, the sign bits moved with prmt + lop3, the scale
 # made from its fp16 bits ((bits & 0x7F) << 7 is scale x 2^-8 as an fp16, subnormals included), then
 # one bf16x2 multiply per pair: about 3 instructions per weight element.
-_DECODE_PTX = tl.constexpr("""{
-.reg .b32 s0, s1, l, h, tla, tlb, tha, thb, sh, p, ss, t;
-.reg .b16 t16, u16;
-.reg .f32 f;
+_CODES = """
 mov.b32 tla, 0xC0800000; mov.b32 tlb, 0xC0804000; mov.b32 tha, 0x3F3F3F00; mov.b32 thb, 0x40404040;
-shl.b32 t, $5, 7; and.b32 t, t, 0x3F80; mov.b32 {t16, u16}, t; cvt.f32.f16 f, t16; mov.b32 t, f;
-prmt.b32 ss, t, t, 0x3232;
 and.b32 s0, $4, 0x7777; shr.b32 s1, $4, 16; and.b32 s1, s1, 0x7777; shl.b32 sh, $4, 4;
 prmt.b32 l, tla, tlb, s0; prmt.b32 h, tha, thb, s0; prmt.b32 $0, l, h, 0x5140; prmt.b32 $1, l, h, 0x7362;
 prmt.b32 l, tla, tlb, s1; prmt.b32 h, tha, thb, s1; prmt.b32 $2, l, h, 0x5140; prmt.b32 $3, l, h, 0x7362;
@@ -79,7 +74,13 @@ prmt.b32 p, sh, $4, 0x4000; lop3.b32 $0, $0, p, 0x80008000, 0xF8;
 prmt.b32 p, sh, $4, 0x5010; lop3.b32 $1, $1, p, 0x80008000, 0xF8;
 prmt.b32 p, sh, $4, 0x6020; lop3.b32 $2, $2, p, 0x80008000, 0xF8;
 prmt.b32 p, sh, $4, 0x7030; lop3.b32 $3, $3, p, 0x80008000, 0xF8;
-mul.rn.bf16x2 $0, $0, ss; mul.rn.bf16x2 $1, $1, ss; mul.rn.bf16x2 $2, $2, ss; mul.rn.bf16x2 $3, $3, ss;
+"""
+_DECODE_PTX = tl.constexpr("""{
+.reg .b32 s0, s1, l, h, tla, tlb, tha, thb, sh, p, ss, t;
+.reg .b16 t16, u16;
+.reg .f32 f;
+shl.b32 t, $5, 7; and.b32 t, t, 0x3F80; mov.b32 {t16, u16}, t; cvt.f32.f16 f, t16; mov.b32 t, f;
+prmt.b32 ss, t, t, 0x3232;""" + _CODES + """mul.rn.bf16x2 $0, $0, ss; mul.rn.bf16x2 $1, $1, ss; mul.rn.bf16x2 $2, $2, ss; mul.rn.bf16x2 $3, $3, ss;
 }""")
 
 
@@ -92,17 +93,7 @@ def _bf16_pair(r):
 
 
 # The same magnitude tables and sign moves without the scale: four bf16 pairs of the bare E2M1 values.
-_CODES_PTX = tl.constexpr("""{
-.reg .b32 s0, s1, l, h, tla, tlb, tha, thb, sh, p;
-mov.b32 tla, 0xC0800000; mov.b32 tlb, 0xC0804000; mov.b32 tha, 0x3F3F3F00; mov.b32 thb, 0x40404040;
-and.b32 s0, $4, 0x7777; shr.b32 s1, $4, 16; and.b32 s1, s1, 0x7777; shl.b32 sh, $4, 4;
-prmt.b32 l, tla, tlb, s0; prmt.b32 h, tha, thb, s0; prmt.b32 $0, l, h, 0x5140; prmt.b32 $1, l, h, 0x7362;
-prmt.b32 l, tla, tlb, s1; prmt.b32 h, tha, thb, s1; prmt.b32 $2, l, h, 0x5140; prmt.b32 $3, l, h, 0x7362;
-prmt.b32 p, sh, $4, 0x4000; lop3.b32 $0, $0, p, 0x80008000, 0xF8;
-prmt.b32 p, sh, $4, 0x5010; lop3.b32 $1, $1, p, 0x80008000, 0xF8;
-prmt.b32 p, sh, $4, 0x6020; lop3.b32 $2, $2, p, 0x80008000, 0xF8;
-prmt.b32 p, sh, $4, 0x7030; lop3.b32 $3, $3, p, 0x80008000, 0xF8;
-}""")
+_CODES_PTX = tl.constexpr("{\n.reg .b32 s0, s1, l, h, tla, tlb, tha, thb, sh, p;" + _CODES + "}")
 
 
 @triton.jit
