@@ -20,7 +20,7 @@ is transformers' own forward.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -132,10 +132,7 @@ class QuantizedModel:
 
         F.linear = linear
         try:
-            if self.kv:
-                with wrapped_attention(self.model, fp8_cache):
-                    yield self.model
-            else:
+            with wrapped_attention(self.model, fp8_cache) if self.kv else nullcontext():
                 yield self.model
         finally:
             F.linear = orig
@@ -192,9 +189,9 @@ def _kv_scales(model: torch.nn.Module, ckpt: Checkpoint, memory_names) -> dict[t
     _, _, names = canonical_names(list(ckpt.tensors))  # canonical -> the checkpoint's name
     scales = {}
     for canon, name in names.items():
-        if canon.endswith(".k_proj.k_scale") and canon.replace(".k_proj.k_scale", ".v_proj.v_scale") in names:
-            attn = canon[: -len(".k_proj.k_scale")]
-            v = names[canon.replace(".k_proj.k_scale", ".v_proj.v_scale")]
+        attn = canon.removesuffix(".k_proj.k_scale")
+        v = names.get(attn + ".v_proj.v_scale")
+        if attn != canon and v is not None:
             scales[attn] = (float(ckpt.read(name).float()), float(ckpt.read(v).float()))
     out = {m: scales[canonical_module(n, memory_names)] for n, m in model.named_modules()
            if canonical_module(n, memory_names) in scales}  # fmt: skip

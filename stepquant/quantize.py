@@ -170,8 +170,10 @@ class Executor:
         size = max(1, BATCH_BYTES // per_expert)
         batches = [range(s, min(s + size, ex.num)) for s in range(0, ex.num, size)]
 
+        direct = self._direct(ex, keys)
+
         def load(batch: range, slot: int) -> dict[str, torch.Tensor]:
-            if not self._direct(ex, keys):
+            if not direct:
                 return {k: torch.stack(list(_READERS.map(lambda e, k=k: self.expert_weight(ex, k, e, check=False), batch)))
                         for k in keys}  # fmt: skip
             bufs = self._staging(slot, {k: (len(batch), *ex.shapes[k]) for k in keys})

@@ -191,6 +191,13 @@ def _plots(r: dict, out: Path) -> list[tuple[str, str]]:
     from matplotlib.figure import Figure
 
     made = []
+
+    def save(fig, title: str, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / (name + ".partial"), format="png", dpi=100)
+        (out / (name + ".partial")).replace(out / name)
+        made.append((title, name))
+
     sq = [(k, v) for k, v in r.get("sqnr_db", {}).items() if math.isfinite(v)]
     if sq:
         fig = Figure(figsize=(8, 3.5))
@@ -198,9 +205,7 @@ def _plots(r: dict, out: Path) -> list[tuple[str, str]]:
         ax.bar(range(len(sq)), [v for _, v in sq])
         ax.set_xticks(range(len(sq)), [k.rsplit(".", 1)[-1] for k, _ in sq], fontsize=7)
         ax.set(xlabel="layer", ylabel="output SQNR (dB)", title="Per-layer output SQNR, quantized vs reference")
-        fig.tight_layout()
-        fig.savefig(out / "sqnr.png.partial", format="png", dpi=100)
-        made.append(("Per-layer SQNR", "sqnr.png"))
+        save(fig, "Per-layer SQNR", "sqnr.png")
     h = r.get("kl_histogram") or {}
     if h.get("counts"):
         fig = Figure(figsize=(6, 3.5))
@@ -209,11 +214,7 @@ def _plots(r: dict, out: Path) -> list[tuple[str, str]]:
         ax.set_xscale("log")
         ax.set(xlabel="KL divergence per token (nats)", ylabel="tokens",
                title=f"Next-token KL vs reference ({h['zeros']} tokens at 0)")  # fmt: skip
-        fig.tight_layout()
-        fig.savefig(out / "kl.png.partial", format="png", dpi=100)
-        made.append(("KL histogram", "kl.png"))
-    for _, name in made:
-        (out / (name + ".partial")).replace(out / name)
+        save(fig, "KL histogram", "kl.png")
     return made
 
 

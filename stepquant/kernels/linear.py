@@ -158,22 +158,16 @@ def _nvfp4_tile(w_ptr, sf_ptr, rows, rmask, k0, K, ASM: tl.constexpr, BN: tl.con
     """Rows `rows` x columns [k0, k0 + BK) of an NVFP4 weight (int32 words [N, K/8], scales as int32
     words of four [N, K/64]) -> [BN, BK] values `code x scale x 2^-8` (K, k0 multiples of 64)."""
     NB: tl.constexpr = BK // 16
-    words, sfb = _nvfp4_words(w_ptr, sf_ptr, rows, rmask, k0, K, BN, BK)
+    words, sw = _load_words(w_ptr, sf_ptr, rows, rmask, k0, K, BK)
+    sfb = _scale_bytes(sw, BN, BK)
     w = _decode_words(tl.reshape(words, (BN, NB, 2)), tl.reshape(sfb, (BN, NB, 2)), ASM)
     return tl.reshape(w, (BN, BK))
 
 
 @triton.jit
-def _nvfp4_words(w_ptr, sf_ptr, rows, rmask, k0, K, BN: tl.constexpr, BK: tl.constexpr):
-    """Rows `rows` x columns [k0, k0 + BK) of an NVFP4 weight as int32 words of 8 codes [BN, BK/8] and
-    each word's E4M3 scale byte (int32, same shape)."""
-    words, sw = _load_words(w_ptr, sf_ptr, rows, rmask, k0, K, BK)
-    return words, _scale_bytes(sw, BN, BK)
-
-
-@triton.jit
 def _load_words(w_ptr, sf_ptr, rows, rmask, k0, K, BK: tl.constexpr):
-    """The loads alone: words [BN, BK/8] and the scales read four blocks to an int32 [BN, BK/64]."""
+    """Rows `rows` x columns [k0, k0 + BK) of an NVFP4 weight, the loads alone: int32 words of 8 codes
+    [BN, BK/8] and the scales read four blocks to an int32 [BN, BK/64]."""
     kw = tl.multiple_of(k0, 64) // 8 + tl.arange(0, BK // 8)
     words = tl.load(w_ptr + rows[:, None] * tl.multiple_of(K // 8, 8) + kw[None, :], mask=rmask[:, None], other=0)
     ks = k0 // 64 + tl.arange(0, BK // 64)
