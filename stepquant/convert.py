@@ -19,7 +19,7 @@ from .errors import StepquantError
 from .families import GENERIC, detect_family
 from .formats import get_format
 from .naming import PrefixMap, builtin_map, canonical_names, load_user_map, rename_all
-from .plan import Plan, build_plan
+from .plan import Linear, Plan, build_plan
 from .quantize import Activations, Executor
 from .recipes import Recipe, load_recipe
 from .shards import DEFAULT_MAX_SHARD, OutputDir, OutTensor, parse_size
@@ -27,6 +27,8 @@ from .shards import DEFAULT_MAX_SHARD, OutputDir, OutTensor, parse_size
 # Files of the source that are not carried over: they describe the source, not the output.
 NOT_COPIED = {"config.json", "hf_quant_config.json", "README.md", ".gitattributes", "stepquant.json"}
 MANIFEST = "stepquant.json"
+# Model-card metadata of the source that describes the converted model too.
+CARRIED_METADATA = ("license", "license_name", "license_link", "language", "pipeline_tag", "library_name")
 CANONICAL = "step-hub"
 
 
@@ -288,6 +290,41 @@ def _fingerprint(ckpt: Checkpoint, opts: ConvertOptions, prep: Prepared) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def _module_summary(prep: Prepared) -> dict:
+    """Per role, how many modules were quantized and how many kept as they are; and the tensors copied
+    byte for byte from the source (what the model card says is identical to it)."""
+    roles: dict[str, dict[str, int]] = {}
+    copied = [prep.plan.canonical.get(n, n) for n in prep.plan.copies]  # source names, like the parts
+    for unit in [*prep.plan.linears, *prep.plan.experts]:
+        role, n = (unit.role, 1) if isinstance(unit, Linear) else ("experts", unit.num)
+        key = "kept" if unit.fmt_out is None else "quantized"
+        roles.setdefault(role, {"quantized": 0, "kept": 0})[key] += n
+        if unit.fmt_out is None:
+            parts = [unit.parts] if isinstance(unit, Linear) else [e for es in unit.parts.values() for e in es]
+            copied += [p if isinstance(p, str) else p[0] for part in parts for p in part.values()]
+    info = prep.ckpt.tensors
+    names = set(copied)
+    return {
+        "roles": dict(sorted(roles.items())),
+        "copied_tensors": len(names),
+        "copied_bytes": sum(info[n].nbytes for n in names if n in info),
+    }
+
+
+def source_card(root: Path) -> dict:
+    """The YAML metadata of `root/README.md` that a derived model keeps; {} when there is none."""
+    path = root / "README.md"
+    if not path.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard(path.read_text(errors="replace"), ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # a broken card must not stop a conversion; it just carries nothing over
+        return {}
+    return {k: data[k] for k in CARRIED_METADATA if data.get(k)}
+
+
 def _header_sha256(path: Path) -> str | None:
     if path.suffix != ".safetensors":
         return None
@@ -320,8 +357,11 @@ def _manifest(ckpt: Checkpoint, opts: ConvertOptions, prep: Prepared, acts: Acti
             # identifies each source shard without re-reading its data: size and the sha256 of its header
             "files": {p.name: {"bytes": p.stat().st_size, "header_sha256": _header_sha256(p)} for p in ckpt.shards},
             "total_bytes": ckpt.total_bytes,
+            # the source's model-card metadata (license, language, ...), which `push` carries over
+            "card": source_card(ckpt.root),
         },
         "naming_map": {"label": prep.out_map.label, "prefixes": prep.out_map.pairs} if prep.out_map else None,
+        "modules": _module_summary(prep),
         "calibration": calib,
         "outputs": dict(sorted(files.items())),
         # the only field that differs between two runs of the same conversion

@@ -90,6 +90,23 @@ def _tokenizer():
     return fast
 
 
+CARD = """---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags:
+- step3p7
+- random-weights
+---
+
+# stepquant demo: a tiny Step-3.7
+
+Randomly initialised, 4 decoder layers + 1 MTP layer, with the architecture of StepFun's Step-3.7-Flash
+(`Step3p7ForConditionalGeneration`, built by transformers). Written by `stepquant demo` to exercise the
+tools; it is not a trained model.
+"""
+
+
 def build_demo_checkpoint(out: str | Path) -> Path:
     """Write the demo Step-3.7 checkpoint (Step hub layout, BF16, with tokenizer) to the folder `out`."""
     from safetensors.torch import load_file, save_file
@@ -122,6 +139,7 @@ def build_demo_checkpoint(out: str | Path) -> Path:
     save_file(dict(sorted(weights.items())), tmp / "model.safetensors", metadata={"format": "pt"})
     _config(4, 1).save_pretrained(tmp)
     _tokenizer().save_pretrained(tmp)
+    (tmp / "README.md").write_text(CARD)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -164,7 +182,9 @@ def run_demo(out: str | Path, echo=print) -> dict:
 
     verified = {}
     for mode in ("w4a4", "w4a16"):
-        rep = verify(nvfp4, VerifyOptions(ref=str(src), mode=mode, eval_samples=4, eval_seq_len=64), echo=lambda _: None)
+        report_dir = str(out / "report") if mode == "w4a4" else None  # what `push --report` puts into the card
+        rep = verify(nvfp4, VerifyOptions(ref=str(src), mode=mode, eval_samples=4, eval_seq_len=64, report=report_dir),
+                     echo=lambda _: None)  # fmt: skip
         verified[mode] = {k: rep[k] for k in ("kl", "top1", "ppl", "tokens")}
         echo(f"\nverify --ref bf16 --mode {mode}:\n{format_table(rep)}")
     summary = {"checkpoint": str(src), "inspect": report, "roundtrip_identical": True, "nvfp4": str(nvfp4),

@@ -22,7 +22,7 @@ class _Group(click.Group):
             click.echo(f"error: {where}{exc.strerror or exc}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
-            click.echo("interrupted; rerun with --resume to continue", err=True)
+            click.echo("interrupted; run the command again to continue (convert: with --resume)", err=True)
             ctx.exit(130)
 
 
@@ -33,9 +33,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import bench, check, convert, demo, inspect, serve, verify
+    from . import bench, check, convert, demo, inspect, push, serve, verify
 
-    for mod in (inspect, convert, check, verify, demo, bench, serve):
+    for mod in (inspect, convert, check, verify, push, demo, bench, serve):
         main.add_command(mod.command)
 
 
