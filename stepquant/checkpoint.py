@@ -54,6 +54,10 @@ class Checkpoint:
         data = load_json_strict(path.read_bytes(), str(path))
         if not isinstance(data, dict):
             raise StepquantError(f"{path}: expected a JSON object")
+        if isinstance(data.get("quantization"), dict):  # hf_quant_config.json
+            validate_fields(data["quantization"], QUANT_FIELDS, f"{path}: quantization")
+        elif data.get("quantization") is not None:
+            raise StepquantError(f"{path}: 'quantization' must be an object")
         return data
 
     def quantization(self) -> dict:
@@ -201,6 +205,51 @@ def open_checkpoint(src: str | os.PathLike, revision: str | None = None, allow_p
     return ckpt
 
 
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31
+
+
+def _names(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# The config fields stepquant reads, at the top level, in text_config and in quantization_config, and
+# what each must be (null is always allowed: it reads as absent).
+CONFIG_FIELDS: dict[str, tuple[str, object]] = {
+    "architectures": ("a list of strings", _names),
+    "model_type": ("a string", lambda v: isinstance(v, str)),
+    "text_config": ("an object", lambda v: isinstance(v, dict)),
+    "vision_config": ("an object", lambda v: isinstance(v, dict)),
+    "quantization_config": ("an object", lambda v: isinstance(v, dict)),
+    "num_hidden_layers": ("a count", _count),
+    "num_nextn_predict_layers": ("a count", _count),
+    "n_routed_experts": ("a count", _count),
+    "moe_num_experts": ("a count", _count),
+    "num_experts": ("a count", _count),
+    "num_local_experts": ("a count", _count),
+    "num_experts_per_tok": ("a count", _count),
+}
+QUANT_FIELDS: dict[str, tuple[str, object]] = {
+    "quant_algo": ("a string", lambda v: isinstance(v, str)),
+    "quant_method": ("a string", lambda v: isinstance(v, str)),
+    "kv_cache_quant_algo": ("a string", lambda v: isinstance(v, str)),
+    "group_size": ("a count", _count),
+    "exclude_modules": ("a list of strings", _names),
+    "ignore": ("a list of strings", _names),
+    "modules_to_not_convert": ("a list of strings", _names),
+    "config_groups": ("an object", lambda v: isinstance(v, dict)),
+    "kv_cache_scheme": ("an object", lambda v: isinstance(v, dict)),
+    "weight_block_size": ("a list of counts", lambda v: isinstance(v, list) and all(map(_count, v))),
+}
+
+
+def validate_fields(obj: dict, table: dict, where: str) -> None:
+    """Refuse a field of `table` that is present with the wrong type, naming it."""
+    for key, (what, ok) in table.items():
+        if obj.get(key) is not None and not ok(obj[key]):
+            raise StepquantError(f"{where}: '{key}' must be {what}")
+
+
 def _read_config(root: Path) -> dict:
     path = root / "config.json"
     if not path.is_file():
@@ -208,9 +257,11 @@ def _read_config(root: Path) -> dict:
     config = load_json_strict(path.read_bytes(), str(path))
     if not isinstance(config, dict):
         raise StepquantError(f"{path}: expected a JSON object")
-    for key in ("text_config", "vision_config", "quantization_config"):
-        if key in config and config[key] is not None and not isinstance(config[key], dict):
-            raise StepquantError(f"{path}: '{key}' must be an object")
+    validate_fields(config, CONFIG_FIELDS, str(path))
+    for key in ("text_config", "vision_config"):
+        validate_fields(config.get(key) or {}, CONFIG_FIELDS, f"{path}: {key}")
+    for holder, where in ((config, ""), (config.get("text_config") or {}, "text_config.")):
+        validate_fields(holder.get("quantization_config") or {}, QUANT_FIELDS, f"{path}: {where}quantization_config")
     return config
 
 
