@@ -197,7 +197,7 @@ CORPUS_DIR = Path(__file__).resolve().parent.parent / "calibration"
 BATCH = 4
 
 
-def load_batches(spec: str, root: Path, samples: int, seq_len: int) -> tuple[list[torch.Tensor], str]:
+def load_batches(spec: str, root: Path, samples: int, seq_len: int, trust_remote_code: bool = False) -> tuple[list[torch.Tensor], str]:
     """Token batches for calibration, and a description of where they came from.
 
     `spec`: `embedded` (calibration/*.txt plus CPython's pydoc topics), a token-id JSON
@@ -207,16 +207,17 @@ def load_batches(spec: str, root: Path, samples: int, seq_len: int) -> tuple[lis
     path = Path(spec)
     if spec != "embedded" and path.suffix == ".json" and path.is_file():
         return _token_json(path), f"{path.name} (token ids)"
-    return token_batches(_texts(spec, path), root, samples, seq_len, spec)
+    return token_batches(_texts(spec, path), root, samples, seq_len, spec, trust_remote_code)
 
 
-def token_batches(texts: list[str], root: Path, samples: int, seq_len: int, label: str) -> tuple[list[torch.Tensor], str]:
+def token_batches(texts: list[str], root: Path, samples: int, seq_len: int, label: str,
+                  trust_remote_code: bool = False) -> tuple[list[torch.Tensor], str]:  # fmt: skip
     """`samples` rows of `seq_len` tokens from `texts` with the model's tokenizer (every other text in the
     chat template when it has one), in batches; and their description."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(root)
+        tok = AutoTokenizer.from_pretrained(root, trust_remote_code=trust_remote_code)  # never None: that asks on a TTY
     except (OSError, ValueError) as exc:
         raise StepquantError(f"{root}: no usable tokenizer for text calibration data ({type(exc).__name__})") from None
     if getattr(tok, "chat_template", None):
@@ -250,7 +251,7 @@ def _token_json(path: Path) -> list[torch.Tensor]:
     batches = data.get("batches") if isinstance(data, dict) else None
     try:
         out = [torch.tensor(b, dtype=torch.long) for b in batches]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # not lists of ints, or ints past int64
         out = []
     if not out or any(b.dim() != 2 or b.numel() == 0 or (b < 0).any() for b in out):
         raise StepquantError(f"{path}: expected {{'batches': [[[token ids]]]}} with 2-D batches of ids")

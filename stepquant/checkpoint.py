@@ -191,6 +191,9 @@ def open_checkpoint(src: str | os.PathLike, revision: str | None = None, allow_p
     config = _read_config(root)
     shards, tensors, pickled = _read_weights(root, allow_pickle)
     weight_files = {p.name for p in shards}
+    for p in root.iterdir():
+        if not _within(root, p):
+            raise StepquantError(f"{p}: a link out of the checkpoint folder; refusing to read what it points to")
     sidecars = sorted(
         p.name
         for p in root.iterdir()
@@ -272,10 +275,19 @@ def _inside(root: Path, name: object, what: str) -> Path:
     if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
         raise StepquantError(f"{what}: shard name {name!r} escapes the checkpoint folder")
     path = root / name
-    resolved = path.resolve()
-    if root not in resolved.parents:
+    if not _within(root, path):
         raise StepquantError(f"{what}: shard {name!r} resolves outside the checkpoint folder (symlink?)")
     return path
+
+
+def _within(root: Path, path: Path) -> bool:
+    """Whether `path`, links followed, stays in the checkpoint folder — or, for a Hugging Face cache
+    snapshot (`models--org--name/snapshots/REV`), in the repo's `blobs/` its links point into."""
+    resolved = path.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        allowed.append(root.parent.parent / "blobs")
+    return any(a in resolved.parents for a in allowed)
 
 
 def _read_weights(root: Path, allow_pickle: bool) -> tuple[list[Path], dict[str, TensorInfo], dict]:

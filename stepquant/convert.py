@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ MANIFEST = "stepquant.json"
 # Model-card metadata of the source that describes the converted model too.
 CARRIED_METADATA = ("license", "license_name", "license_link", "language", "pipeline_tag", "library_name")
 CANONICAL = "step-hub"
+log = logging.getLogger("stepquant")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class ConvertOptions:
     dry_run: bool = False
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    allow_nonfinite: bool = False  # keep modules whose weights hold NaN/Inf unquantized (else refused)
     revision: str | None = None
 
     def resolve_recipe(self) -> Recipe:
@@ -92,11 +95,38 @@ def prepare(ckpt: Checkpoint, opts: ConvertOptions) -> Prepared:
         out_map = builtin_map(CANONICAL, recipe.naming)
     num_layers = ckpt.text_config.get(family.num_layers_key)
     plan = build_plan(ckpt.tensors, canonical, family, num_layers, recipe)
+    if opts.allow_nonfinite and plan.quantizes:
+        bad = nonfinite_modules(Executor(ckpt, plan, None, recipe.expert_input_scale))
+        if bad:
+            plan = build_plan(ckpt.tensors, canonical, family, num_layers, recipe, keep=bad)
+    for warning in plan.warnings:
+        log.warning(warning)
     executor = Executor(ckpt, plan, None, recipe.expert_input_scale)
     outs = executor.outputs_meta()
     final = rename_all([o[0] for o in outs], out_map) if out_map else {o[0]: o[0] for o in outs}
     outputs = {final[n]: (dt, shp, nb) for n, dt, shp, nb in outs}
     return Prepared(ckpt, recipe, plan, src_naming, out_map, to_canon, outputs)
+
+
+def nonfinite_modules(executor: Executor) -> dict[str, str]:
+    """Modules (expert layers) the plan quantizes whose source weights hold NaN or Inf -> why; reads
+    every one of those weights once."""
+    bad = {}
+    for lin in executor.plan.linears:
+        if lin.fmt_out is not None and lin.fmt_out.quant_algo:
+            try:
+                executor.linear_weight(lin)
+            except StepquantError:
+                bad[lin.module] = f"NaN or Inf in '{lin.parts['weight']}'"
+    for ex in executor.plan.experts:
+        if ex.fmt_out is not None and ex.fmt_out.quant_algo:
+            for key, e in ((k, e) for k in ex.parts for e in range(ex.num)):
+                try:
+                    executor.expert_weight(ex, key, e)
+                except StepquantError:
+                    bad[ex.layer] = f"NaN or Inf in expert {e} {key}"
+                    break
+    return bad
 
 
 def plan_conversion(src: str | Path, opts: ConvertOptions) -> dict:
@@ -126,17 +156,18 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None
             u.fmt_out is not None and u.fmt_out.calibrated for u in [*prep.plan.linears, *prep.plan.experts]
         )
         fingerprint = _fingerprint(ckpt, opts, prep)
-        if needs_calib:  # deterministic, so a resumed run recalibrates to the same scales
-            t0 = time.time()
-            acts = _calibrate(ckpt, prep, opts)
-            timings["calibration_seconds"] = round(time.time() - t0, 3)
-        executor = Executor(ckpt, prep.plan, acts, prep.recipe.expert_input_scale, opts.device)
-        executor.check_calibration()
-        tensors = executor.outputs()
-        final = rename_all([t.name for t in tensors], prep.out_map) if prep.out_map else None
-        if final:
-            tensors = [OutTensor(final[t.name], t.dtype, t.shape, t.nbytes, t.chunks) for t in tensors]
+        # DST.partial and its lock first: a second run on DST is refused before it calibrates
         with OutputDir(dst, fingerprint, resume=opts.resume, overwrite=opts.overwrite) as out:
+            if needs_calib:  # deterministic, so a resumed run recalibrates to the same scales
+                t0 = time.time()
+                acts = _calibrate(ckpt, prep, opts)
+                timings["calibration_seconds"] = round(time.time() - t0, 3)
+            executor = Executor(ckpt, prep.plan, acts, prep.recipe.expert_input_scale, opts.device)
+            executor.check_calibration()
+            tensors = executor.outputs()
+            final = rename_all([t.name for t in tensors], prep.out_map) if prep.out_map else None
+            if final:
+                tensors = [OutTensor(final[t.name], t.dtype, t.shape, t.nbytes, t.chunks) for t in tensors]
             out.write_shards(tensors, max_shard, desc=Path(dst).name)
             _write_configs(ckpt, out, prep)
             for name in ckpt.sidecars:
@@ -152,14 +183,28 @@ def _calibrate(ckpt: Checkpoint, prep: Prepared, opts: ConvertOptions) -> Activa
     from .calibrate import calibrate, load_batches, load_model, to_canonical
 
     r = prep.recipe
-    batches, described = load_batches(r.calib_data, ckpt.root, r.calib_samples, r.calib_seq_len)
+    batches, described = load_batches(r.calib_data, ckpt.root, r.calib_samples, r.calib_seq_len, opts.trust_remote_code)
     model = load_model(ckpt.root, ckpt.config, opts.calib_device or opts.device, opts.trust_remote_code)
+    _finite_for_calibration(model, opts.allow_nonfinite)
     stats = calibrate(model, batches)
     del model
     acts = to_canonical(stats, prep.plan.family.memory_names)
     acts.source = described
     acts.samples = sum(b.shape[0] for b in batches)
     return acts
+
+
+def _finite_for_calibration(model, allow: bool) -> None:
+    """A NaN or Inf weight would turn every activation after it into NaN: refuse it by name, or (with
+    --allow-nonfinite, whose modules stay unquantized) let calibration see zeros in its place."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            if not allow:
+                raise StepquantError(f"{name}: NaN or Inf in the source weights (--allow-nonfinite keeps such modules unquantized)")
+            with torch.no_grad():
+                p.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def dry_run_summary(prep: Prepared) -> dict:
@@ -190,6 +235,7 @@ def dry_run_summary(prep: Prepared) -> dict:
         "predicted_tensor_bytes": total,
         "predicted_bytes": total + headers + sidecars + configs,
         "exclude_modules": _exclude_list(prep),
+        "warnings": prep.plan.warnings,
     }
 
 
@@ -362,6 +408,7 @@ def _manifest(ckpt: Checkpoint, opts: ConvertOptions, prep: Prepared, acts: Acti
         },
         "naming_map": {"label": prep.out_map.label, "prefixes": prep.out_map.pairs} if prep.out_map else None,
         "modules": _module_summary(prep),
+        "warnings": prep.plan.warnings,
         "calibration": calib,
         "outputs": dict(sorted(files.items())),
         # the only field that differs between two runs of the same conversion

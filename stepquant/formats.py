@@ -77,8 +77,9 @@ class Format:
         """suffix -> (safetensors dtype, shape) of what `quantize` writes for a weight of `shape`."""
         raise NotImplementedError
 
-    def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        """Refuse a weight the format cannot hold (NVFP4 needs in % 16 == 0)."""
+    def cannot_hold(self, shape: tuple[int, ...]) -> str | None:
+        """Why the format cannot hold a weight of this shape (NVFP4 needs in % 16 == 0), else None."""
+        return None
 
     def quantize(self, w: torch.Tensor, amax: torch.Tensor) -> Parts:
         raise NotImplementedError
@@ -178,11 +179,9 @@ class NVFP4(Format):
             "weight_scale_2": ("F32", ()),
         }
 
-    def check_shape(self, name, shape):
-        if shape[-1] % self.config.group_size:
-            raise StepquantError(
-                f"tensor '{name}': input dim {shape[-1]} is not a multiple of {self.config.group_size}; NVFP4 cannot hold it"
-            )
+    def cannot_hold(self, shape):
+        g = self.config.group_size
+        return f"input dim {shape[-1]} is not a multiple of the group size {g}" if shape[-1] % g else None
 
     def quantize(self, w, amax):
         ws2 = _cpu_scale(amax, E2M1_MAX * E4M3_MAX)

@@ -79,6 +79,7 @@ class Plan:
     kv_layers: list[str] = field(default_factory=list)  # attention modules that get k/v scales
     canonical: dict[str, str] = field(default_factory=dict)  # canonical name -> source tensor name
     excluded: list[str] = field(default_factory=list)  # canonical module names/patterns left unquantized
+    warnings: list[str] = field(default_factory=list)  # modules in scope kept unquantized, and why
 
     @property
     def quantizes(self) -> bool:
@@ -116,8 +117,10 @@ def build_plan(
     family: Family,
     num_layers: int | None,
     recipe: Recipe,
+    keep: dict[str, str] | None = None,
 ) -> Plan:
-    """Group the (canonically named) tensors into Linears and expert groups and decide each one's fate."""
+    """Group the (canonically named) tensors into Linears and expert groups and decide each one's fate.
+    `keep`: modules (or expert layers) in scope to leave unquantized anyway -> why (a warning)."""
     plan = Plan(family, canonical=canonical)
     info = {c: tensors[s] for c, s in canonical.items()}
     gate, up, down = family.projections
@@ -165,7 +168,7 @@ def build_plan(
         plan.linears.append(Linear(mod, role_of(mod, num_layers), parts, dtypes, shape, fmt_in))
         used.update(parts.values())
     plan.copies += [n for n in info if n not in used and n not in plan.copies and not _is_stale_kv(n, recipe)]
-    _decide(plan, recipe, num_layers)
+    _decide(plan, recipe, num_layers, keep or {})
     return plan
 
 
@@ -213,15 +216,32 @@ def _experts_unit(layer: str, g: dict, info: dict[str, TensorInfo], proj_key: di
     return Experts(layer, layout, num, lists, shapes, fmt_in)
 
 
-def _decide(plan: Plan, recipe: Recipe, num_layers: int | None) -> None:
+def _decide(plan: Plan, recipe: Recipe, num_layers: int | None, keep: dict[str, str]) -> None:
     scope = SCOPES[recipe.scope]
     target = None if recipe.format == "keep" else get_format(recipe.format)
+    if target is not None and target.quant_algo:
+        keep = dict(keep)
+        for lin in plan.linears:
+            why = target.cannot_hold(lin.shape)
+            if why and lin.role in scope:
+                keep.setdefault(lin.module, why)
+        for ex in plan.experts:
+            why = next(filter(None, (target.cannot_hold(s) for s in ex.shapes.values())), None)
+            if why:
+                keep.setdefault(ex.layer, why)
+        # fusion groups (q/k/v, gate/up) are quantized together or not at all: engines fuse them
+        held = {lin.fusion_key for lin in plan.linears if lin.module in keep and lin.fusion_key}
+        for lin in plan.linears:
+            if lin.fusion_key in held and lin.module not in keep:
+                keep[lin.module] = f"kept with the rest of {lin.fusion_key.rsplit('.', 1)[-1]} ({lin.fusion_key})"
     for lin in plan.linears:
         quantize = target is not None and target.quant_algo and lin.role in scope
+        if quantize and lin.module in keep:
+            plan.warnings.append(f"{lin.module}: kept in BF16 and excluded: {keep[lin.module]}")
+            quantize = False
         if quantize and lin.fmt_in is target:
             pass  # already in the target format: bytes are copied, never re-quantized
         elif quantize:
-            target.check_shape(lin.module, lin.shape)
             lin.fmt_out = target
         elif target is not None and lin.fmt_in.quant_algo:
             lin.fmt_out = get_format("bf16")  # out of scope but quantized at the source: dequantize
@@ -230,11 +250,12 @@ def _decide(plan: Plan, recipe: Recipe, num_layers: int | None) -> None:
     for ex in plan.experts:
         mtp = role_of(ex.layer + ".experts", num_layers) == "mtp"
         quantize = target is not None and target.quant_algo and "experts" in scope and not mtp
+        if quantize and ex.layer in keep:
+            plan.warnings.append(f"{ex.layer} experts: kept in BF16 and excluded: {keep[ex.layer]}")
+            quantize = False
         if quantize and ex.fmt_in is target:
             pass
         elif quantize:
-            for key, shape in ex.shapes.items():
-                target.check_shape(f"{ex.layer} experts {key}", shape)
             ex.fmt_out = target
         elif target is not None and ex.fmt_in.quant_algo:
             ex.fmt_out = get_format("bf16")

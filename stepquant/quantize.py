@@ -75,7 +75,7 @@ class Executor:
         parts = {s: self.ckpt.read(self._src(n)) for s, n in lin.parts.items() if s != "input_scale"}
         w = lin.fmt_in.dequantize(parts)
         if not torch.isfinite(w).all():
-            raise StepquantError(f"tensor '{lin.parts['weight']}': NaN or Inf in the weight")
+            raise StepquantError(f"tensor '{lin.parts['weight']}': NaN or Inf in the weight (--allow-nonfinite keeps it unquantized)")
         return w
 
     def expert_part(self, ex: Experts, key: str, e: int, suffix: str) -> torch.Tensor:
@@ -87,7 +87,7 @@ class Executor:
         parts = {s: self.expert_part(ex, key, e, s) for s in ex.parts[key][e] if s != "input_scale"}
         w = ex.fmt_in.dequantize(parts)
         if check and not torch.isfinite(w).all():
-            raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {key}")
+            raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {key} (--allow-nonfinite keeps them unquantized)")
         return w
 
     def _direct(self, ex: Experts, keys: tuple[str, ...]) -> bool:

@@ -213,6 +213,7 @@ class OutputDir:
         except OSError as exc:
             raise StepquantError(f"{self.dst.parent}: cannot create ({exc.strerror})") from None
         journal = None
+        self._created = not self.partial.exists()
         if self.partial.exists():
             if not self.resume and not self.overwrite:
                 raise StepquantError(
@@ -240,7 +241,9 @@ class OutputDir:
         self._write_journal()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None and self._created and not self.files:
+            shutil.rmtree(self.partial, ignore_errors=True)  # failed before writing anything: nothing to resume
         self._unlock()
 
     def _lock(self) -> None:

@@ -52,9 +52,9 @@ def test_zero_block_gets_scale_one():
     assert parts["weight_scale"].float()[0].tolist() == [1.0, 1.0]
 
 
-def test_nvfp4_refuses_indivisible_dims():
-    with pytest.raises(StepquantError, match="not a multiple of 16"):
-        FORMATS["nvfp4"].check_shape("x.weight", (8, 40))
+def test_nvfp4_cannot_hold_indivisible_dims():
+    assert "not a multiple of the group size 16" in FORMATS["nvfp4"].cannot_hold((8, 40))
+    assert FORMATS["nvfp4"].cannot_hold((8, 48)) is None and FORMATS["fp8"].cannot_hold((8, 40)) is None
 
 
 def test_fp8_divides_in_bf16():

@@ -133,7 +133,9 @@ def test_rerun_after_an_interrupted_upload_sends_only_what_is_missing(build, hub
     args = [sys.executable, "-m", "stepquant", "push", str(build), REPO, "--base-model", "stepquant-test/demo-bf16"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert hub.wait_held(120), "the upload never reached the held request"
+        if not hub.wait_held(120):
+            proc.kill()
+            raise AssertionError(f"the upload never reached the held request: {proc.communicate()[1].decode()[-2000:]}")
         time.sleep(0.5)  # let in-flight uploads of other threads land or hang too
     finally:
         proc.send_signal(signal.SIGKILL)

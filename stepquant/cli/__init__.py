@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from .. import __version__
@@ -30,6 +32,18 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="stepquant")
 def main() -> None:
     """Convert Hugging Face MoE checkpoints to BF16, FP8 and NVFP4; check, verify and publish them."""
+
+
+class _Warnings(logging.Handler):
+    """The library's warnings (logger "stepquant"), one line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+
+
+_log = logging.getLogger("stepquant")
+_log.addHandler(_Warnings(logging.WARNING))
+_log.propagate = False
 
 
 def _register() -> None:

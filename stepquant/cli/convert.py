@@ -41,6 +41,7 @@ from ..shards import DEFAULT_MAX_SHARD
 @click.option("--revision", help="Hub revision (branch, tag or commit) when SRC is a repo id.")
 @click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt pickle weights (they can run code).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code for calibration.")
+@click.option("--allow-nonfinite", is_flag=True, help="Keep modules whose weights hold NaN/Inf in BF16 (excluded, with a warning) instead of refusing.")
 def command(src: str, dst: str, **opts: object) -> None:  # fmt: skip
     """Convert the checkpoint SRC into a new folder DST."""
     result = convert(src, dst, ConvertOptions(**opts))

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..conftest import run_cli, write_raw
+from ..reliability.record import record
 
 
 def _good(folder, shards=2):
@@ -88,6 +89,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, case):
     # inspect refuses the same input the same way
     proc = run_cli("inspect", src)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    record("bad input", case, exit_code=2, one_line=True, written=False)
 
 
 def _multishard(folder):
