@@ -212,38 +212,25 @@ def _count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31
 
 
-def _names(v: object) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
+STRING = ("a string", lambda v: isinstance(v, str))
+OBJECT = ("an object", lambda v: isinstance(v, dict))
+COUNT = ("a count", _count)
+NAMES = ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))
 
 # The config fields stepquant reads, at the top level, in text_config and in quantization_config, and
 # what each must be (null is always allowed: it reads as absent).
-CONFIG_FIELDS: dict[str, tuple[str, object]] = {
-    "architectures": ("a list of strings", _names),
-    "model_type": ("a string", lambda v: isinstance(v, str)),
-    "text_config": ("an object", lambda v: isinstance(v, dict)),
-    "vision_config": ("an object", lambda v: isinstance(v, dict)),
-    "quantization_config": ("an object", lambda v: isinstance(v, dict)),
-    "num_hidden_layers": ("a count", _count),
-    "num_nextn_predict_layers": ("a count", _count),
-    "n_routed_experts": ("a count", _count),
-    "moe_num_experts": ("a count", _count),
-    "num_experts": ("a count", _count),
-    "num_local_experts": ("a count", _count),
-    "num_experts_per_tok": ("a count", _count),
-}
-QUANT_FIELDS: dict[str, tuple[str, object]] = {
-    "quant_algo": ("a string", lambda v: isinstance(v, str)),
-    "quant_method": ("a string", lambda v: isinstance(v, str)),
-    "kv_cache_quant_algo": ("a string", lambda v: isinstance(v, str)),
-    "group_size": ("a count", _count),
-    "exclude_modules": ("a list of strings", _names),
-    "ignore": ("a list of strings", _names),
-    "modules_to_not_convert": ("a list of strings", _names),
-    "config_groups": ("an object", lambda v: isinstance(v, dict)),
-    "kv_cache_scheme": ("an object", lambda v: isinstance(v, dict)),
+CONFIG_FIELDS: dict[str, tuple] = {
+    "architectures": NAMES, "model_type": STRING, "text_config": OBJECT, "vision_config": OBJECT,
+    "quantization_config": OBJECT, "num_hidden_layers": COUNT, "num_nextn_predict_layers": COUNT,
+    "n_routed_experts": COUNT, "moe_num_experts": COUNT, "num_experts": COUNT, "num_local_experts": COUNT,
+    "num_experts_per_tok": COUNT,
+}  # fmt: skip
+QUANT_FIELDS: dict[str, tuple] = {
+    "quant_algo": STRING, "quant_method": STRING, "kv_cache_quant_algo": STRING, "group_size": COUNT,
+    "exclude_modules": NAMES, "ignore": NAMES, "modules_to_not_convert": NAMES, "config_groups": OBJECT,
+    "kv_cache_scheme": OBJECT,
     "weight_block_size": ("a list of counts", lambda v: isinstance(v, list) and all(map(_count, v))),
-}
+}  # fmt: skip
 
 
 def validate_fields(obj: dict, table: dict, where: str) -> None:
