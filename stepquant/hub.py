@@ -191,7 +191,9 @@ def _upload(repo_id: str, files: list[tuple[str, Path]], opts: PushOptions, name
         raise StepquantError(f"{repo_id}: the Hub refused: {_one_line(exc)}") from None
     except Exception as exc:  # network, file and protocol errors alike: one line, resumable
         raise StepquantError(f"{repo_id}: upload failed: {_one_line(exc)}; run the same command again to resume") from None
-    sent = [op.path_in_repo for op in ops if op._remote_oid is None or op._remote_oid != op._local_oid]
+    # what the Hub did not already hold at that path (from huggingface_hub's preupload answer)
+    remote = {op.path_in_repo: getattr(op, "_remote_oid", None) for op in ops}
+    sent = [op.path_in_repo for op in ops if remote[op.path_in_repo] is None or remote[op.path_in_repo] != op._local_oid]
     return sent, info.pr_url or info.commit_url
 
 
@@ -199,8 +201,9 @@ def _one_line(exc: BaseException) -> str:
     """An exception as one line, with any token that huggingface_hub knows of removed."""
     from huggingface_hub import get_token
 
-    msg = (str(exc).splitlines() or [type(exc).__name__])[0]
-    if exc.__cause__ is not None and not msg:
-        msg = str(exc.__cause__)
+    def first(e: BaseException) -> str:
+        return (str(e).splitlines() or [type(e).__name__])[0]
+
+    msg = first(exc) + (f" ({first(exc.__cause__)})" if exc.__cause__ is not None else "")
     token = get_token()
     return msg.replace(token, "<token>") if token else msg
