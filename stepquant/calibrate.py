@@ -76,7 +76,11 @@ def _is_fused_experts(module: torch.nn.Module) -> bool:
 
 
 @contextmanager
-def _recording(model: torch.nn.Module, stats: CalibStats):
+def _recording(model: torch.nn.Module, stats: CalibStats, all_experts: bool = False):
+    """Hooks recording the amax of every Linear input, each expert's inputs (per expert, counting the
+    tokens routed to it) and K/V. `all_experts`: before each routed pass, the experts module also runs
+    every token through every expert for the statistics alone (llm-compressor's behaviour); its output
+    is dropped, so only the routed outputs flow on, and the token counts stay the routed ones."""
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -106,14 +110,24 @@ def _recording(model: torch.nn.Module, stats: CalibStats):
                     raise StepquantError(f"{name}: cannot tell which expert a projection belongs to")
                 state[1] = e
                 _vec_update(stats.experts_in, name, n, e, _amax(input))
-                _vec_add(stats.expert_tokens, name, n, e, input.reshape(-1, input.shape[-1]).shape[0])
+                if not state[2]:  # routed tokens only
+                    _vec_add(stats.expert_tokens, name, n, e, input.reshape(-1, input.shape[-1]).shape[0])
             else:
                 _vec_update(stats.experts_mid, name, n, state[1], _amax(input))
             state[0] = not state[0]
         return orig_linear(input, weight, bias)
 
     def pre(module, args, kwargs):
-        active.append((module, [False, 0]))
+        if all_experts:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            tokens, n = hidden.reshape(-1, hidden.shape[-1]).shape[0], module.gate_up_proj.shape[0]
+            every = torch.arange(n, device=hidden.device).expand(tokens, n)
+            active.append((module, [False, 0, True]))
+            try:
+                module.forward(hidden, every, torch.zeros(every.shape, dtype=hidden.dtype, device=hidden.device))
+            finally:
+                active.pop()
+        active.append((module, [False, 0, False]))
 
     def post(module, args, kwargs, out):
         active.pop()
@@ -180,16 +194,46 @@ def _vec_add(store: dict, key: str, n: int, e: int, count: int) -> None:
     vec[e] += count
 
 
-def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> CalibStats:
-    """Feed token batches ([B, T] ids) through the model in order; max-calibrate every input."""
+def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor], all_experts: bool = False) -> CalibStats:
+    """Feed token batches ([B, T] ids) through the model in order; max-calibrate every input (with
+    `all_experts`, every expert's inputs over all tokens)."""
     stats = CalibStats()
     device = next(model.parameters()).device
-    with torch.no_grad(), _recording(model, stats):
+    with torch.no_grad(), _recording(model, stats, all_experts):
         for ids in batches:
             model(input_ids=ids.to(device), use_cache=False)
             stats.batches += 1
             stats.tokens += ids.numel()
     return stats
+
+
+def coverage_png(expert_tokens: dict[str, torch.Tensor]) -> bytes:
+    """A heat map, layers x experts, of the calibration tokens routed to each expert (log scale; the
+    experts that got none stand out in white)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    layers = sorted(expert_tokens, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")])
+    counts = torch.stack([expert_tokens[n].float() for n in layers]).numpy()
+    masked = counts.copy()
+    masked[masked == 0] = float("nan")
+    fig, ax = plt.subplots(figsize=(min(16, 2 + counts.shape[1] / 12), 1.5 + 0.25 * len(layers)), dpi=100)
+    im = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap="viridis",
+                   norm=LogNorm(vmin=1, vmax=max(1.0, float(counts.max()))))  # fmt: skip
+    ax.set_yticks(range(len(layers)), [n.rsplit(".", 1)[-1] for n in layers])
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(f"calibration tokens per expert ({int((counts == 0).sum())} experts got none: white)")
+    fig.colorbar(im, ax=ax, label="tokens")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 # -- calibration data -----------------------------------------------------------------------------

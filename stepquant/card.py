@@ -169,8 +169,13 @@ def _calibration_section(c: CardInputs) -> list[str]:
     if counted:
         n_empty = sum(len(v) for v in empty.values())
         total = sum(len(v) for v in counted.values())
-        lines.append(f"{total - n_empty} of {total} routed experts received calibration tokens"
-                     + (f"; the other {n_empty} use their layer's largest activation scale." if n_empty else "."))  # fmt: skip
+        every = (c.manifest.get("options") or {}).get("calib_all_experts")
+        rest = ("every token also went through every expert for the statistics (`--calib-all-experts`)" if every
+                else f"the other {n_empty} use their layer's largest activation scale")  # fmt: skip
+        lines.append(f"{total - n_empty} of {total} routed experts were routed calibration tokens"
+                     + (f"; {rest}." if n_empty or every else "."))  # fmt: skip
+    if (c.dst / "expert_coverage.png").is_file():
+        lines += ["", "![calibration tokens per expert](expert_coverage.png)"]
     return lines
 
 

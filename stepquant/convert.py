@@ -26,8 +26,9 @@ from .recipes import Recipe, load_recipe
 from .shards import DEFAULT_MAX_SHARD, OutputDir, OutTensor, parse_size
 
 # Files of the source that are not carried over: they describe the source, not the output.
-NOT_COPIED = {"config.json", "hf_quant_config.json", "README.md", ".gitattributes", "stepquant.json"}
+NOT_COPIED = {"config.json", "hf_quant_config.json", "README.md", ".gitattributes", "stepquant.json", "expert_coverage.png"}
 MANIFEST = "stepquant.json"
+COVERAGE = "expert_coverage.png"  # calibration tokens per layer and expert, beside the manifest
 # Model-card metadata of the source that describes the converted model too.
 CARRIED_METADATA = ("license", "license_name", "license_link", "language", "pipeline_tag", "library_name")
 CANONICAL = "step-hub"
@@ -56,6 +57,7 @@ class ConvertOptions:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     allow_nonfinite: bool = False  # keep modules whose weights hold NaN/Inf unquantized (else refused)
+    calib_all_experts: bool = False  # every token through every expert for statistics (routed outputs flow on)
     revision: str | None = None
 
     def resolve_recipe(self) -> Recipe:
@@ -164,6 +166,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None
                 timings["calibration_seconds"] = round(time.time() - t0, 3)
             executor = Executor(ckpt, prep.plan, acts, prep.recipe.expert_input_scale, opts.device)
             executor.check_calibration()
+            _warn_uncovered(acts)
             tensors = executor.outputs()
             final = rename_all([t.name for t in tensors], prep.out_map) if prep.out_map else None
             if final:
@@ -173,6 +176,10 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None
             for name in ckpt.sidecars:
                 if name not in NOT_COPIED:
                     out.copy_file(ckpt.root / name, name)
+            if acts is not None and acts.expert_tokens:
+                from .calibrate import coverage_png
+
+                out.write_file(COVERAGE, coverage_png(acts.expert_tokens))
             timings["total_seconds"] = round(time.time() - started, 3)
             manifest = _manifest(ckpt, opts, prep, acts, out.files, timings)
             out.write_file(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
@@ -186,12 +193,33 @@ def _calibrate(ckpt: Checkpoint, prep: Prepared, opts: ConvertOptions) -> Activa
     batches, described = load_batches(r.calib_data, ckpt.root, r.calib_samples, r.calib_seq_len, opts.trust_remote_code)
     model = load_model(ckpt.root, ckpt.config, opts.calib_device or opts.device, opts.trust_remote_code)
     _finite_for_calibration(model, opts.allow_nonfinite)
-    stats = calibrate(model, batches)
+    stats = calibrate(model, batches, opts.calib_all_experts)
     del model
     acts = to_canonical(stats, prep.plan.family.memory_names)
     acts.source = described
     acts.samples = sum(b.shape[0] for b in batches)
     return acts
+
+
+def _warn_uncovered(acts: Activations | None) -> None:
+    """Name the experts that no calibration token reached, routed or (--calib-all-experts) not: they get
+    their layer's largest input scale."""
+    for layer, amax in sorted((acts.experts_in if acts else {}).items()):
+        idle = [i for i, a in enumerate(amax.tolist()) if a == 0]
+        if idle:
+            log.warning(f"{layer}: experts {_ranges(idle)} saw no calibration tokens and take the layer's largest "
+                        "input scale (more --calib-samples, or --calib-all-experts)")  # fmt: skip
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, v in enumerate(ids):
+        start = v if start is None else start
+        if i + 1 == len(ids) or ids[i + 1] != v + 1:
+            out.append(f"{start}-{v}" if v > start else str(v))
+            start = None
+    return ", ".join(out)
 
 
 def _finite_for_calibration(model, allow: bool) -> None:

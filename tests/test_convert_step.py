@@ -89,3 +89,33 @@ def test_dry_run_predicts_size_within_1_percent(demo_ckpt, tmp_path, recipe):
         assert {n: (t.dtype, list(t.shape)) for n, t in c.tensors.items()} == {
             n: (o["dtype"], o["shape"]) for n, o in plan["outputs"].items()
         }
+
+
+def test_calib_all_experts_changes_only_expert_statistics(demo_ckpt, tmp_path, caplog):
+    """Every token through every expert: each expert's gate/up input amax becomes the layer's, the
+    down inputs are measured for experts no token was routed to, and nothing else changes."""
+    base = dict(recipe="step3p7-nvfp4-moe-only-kvfp8", calib_samples=2, calib_seq_len=16, expert_input_scale="per-expert")
+    with caplog.at_level("WARNING", logger="stepquant"):
+        routed = convert(demo_ckpt, tmp_path / "routed", ConvertOptions(**base))
+    idle = [r.getMessage() for r in caplog.records if "saw no calibration tokens" in r.getMessage()]
+    assert idle and all("--calib-all-experts" in m for m in idle)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stepquant"):
+        every = convert(demo_ckpt, tmp_path / "every", ConvertOptions(**base, calib_all_experts=True))
+    assert not [r for r in caplog.records if "saw no calibration tokens" in r.getMessage()]
+    m_routed, m_every = (json.loads((p / "stepquant.json").read_text()) for p in (routed, every))
+    assert m_routed["calibration"]["expert_tokens"] == m_every["calibration"]["expert_tokens"]  # routed counts
+    with open_checkpoint(routed) as a, open_checkpoint(every) as b:
+        changed = {n for n in a.tensors if not torch.equal(a.read(n), b.read(n))}
+        assert changed and all(n.endswith(".input_scale") and ".moe." in n for n in changed)
+        for layer in (1, 2, 3):
+            up = b.read(f"model.language_model.layers.{layer}.moe.up_proj.input_scale")
+            assert torch.equal(up, up.max().expand_as(up))  # every expert saw every token
+            # all tokens include the routed ones: the down inputs' max can only grow (up to the rounding
+            # of a matmul over more rows)
+            down_every = b.read(f"model.language_model.layers.{layer}.moe.down_proj.input_scale")
+            down_routed = a.read(f"model.language_model.layers.{layer}.moe.down_proj.input_scale")
+            tokens = torch.tensor(m_routed["calibration"]["expert_tokens"][f"model.layers.{layer}"])
+            assert (down_every[tokens > 0] >= down_routed[tokens > 0] * 0.99).all()
+    png = (every / "expert_coverage.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
