@@ -41,9 +41,7 @@ class _Warnings(logging.Handler):
         click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
 
 
-_log = logging.getLogger("stepquant")
-_log.addHandler(_Warnings(logging.WARNING))
-_log.propagate = False
+logging.getLogger("stepquant").addHandler(_Warnings(logging.WARNING))  # the root logger stays untouched
 
 
 def _register() -> None:
