@@ -239,36 +239,53 @@ def coverage_png(expert_tokens: dict[str, torch.Tensor]) -> bytes:
 # -- calibration data -----------------------------------------------------------------------------
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "calibration"
 BATCH = 4
+# Calibration datasets by Hub id -> (config, split, field). A `messages` field is a conversation, rendered
+# with the model's chat template. Any other id is read as (None, "train", "text").
+DATASETS: dict[str, tuple[str | None, str, str]] = {
+    "cnn_dailymail": ("3.0.0", "train", "article"),
+    "abisee/cnn_dailymail": ("3.0.0", "train", "article"),
+    "HuggingFaceH4/ultrachat_200k": (None, "train_sft", "messages"),
+    "wikitext": ("wikitext-2-raw-v1", "train", "text"),
+    "Salesforce/wikitext": ("wikitext-2-raw-v1", "train", "text"),
+}
+DATASET_ROWS = 10_000  # read at most this many rows of a dataset (after a seeded shuffle)
 
 
-def load_batches(spec: str, root: Path, samples: int, seq_len: int, trust_remote_code: bool = False) -> tuple[list[torch.Tensor], str]:
+def load_batches(spec: str, root: Path, samples: int, seq_len: int, trust_remote_code: bool = False,
+                 seed: int = 0) -> tuple[list[torch.Tensor], str]:  # fmt: skip
     """Token batches for calibration, and a description of where they came from.
 
     `spec`: `embedded` (calibration/*.txt plus CPython's pydoc topics), a token-id JSON
     (`{"batches": [[[ids...]...]...]}`, fed batch by batch as given), a local .txt / .jsonl file, or a
-    Hugging Face dataset id (through `datasets`, when installed and online).
+    Hugging Face dataset id (through `datasets`, when installed and online; its rows shuffled with
+    `seed`, see DATASETS for the field read).
     """
     path = Path(spec)
     if spec != "embedded" and path.suffix == ".json" and path.is_file():
         return _token_json(path), f"{path.name} (token ids)"
-    return token_batches(_texts(spec, path), root, samples, seq_len, spec, trust_remote_code)
+    return token_batches(_texts(spec, path, seed), root, samples, seq_len, spec, trust_remote_code)
 
 
-def token_batches(texts: list[str], root: Path, samples: int, seq_len: int, label: str,
+def token_batches(texts: list[str | list[dict]], root: Path, samples: int, seq_len: int, label: str,
                   trust_remote_code: bool = False) -> tuple[list[torch.Tensor], str]:  # fmt: skip
     """`samples` rows of `seq_len` tokens from `texts` with the model's tokenizer (every other text in the
-    chat template when it has one), in batches; and their description."""
+    chat template when it has one; conversations, lists of messages, always in it), in batches; and their
+    description."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(root, trust_remote_code=trust_remote_code)  # never None: that asks on a TTY
     except (OSError, ValueError) as exc:
         raise StepquantError(f"{root}: no usable tokenizer for text calibration data ({type(exc).__name__})") from None
-    if getattr(tok, "chat_template", None):
+    chat = bool(getattr(tok, "chat_template", None))
+    if not chat and any(isinstance(t, list) for t in texts):
+        raise StepquantError(f"calibration data {label!r}: conversations, but {root} has no chat template")
+    if chat:
         texts = [
-            t if i % 2 else tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False)
+            tok.apply_chat_template(t, tokenize=False) if isinstance(t, list)
+            else t if i % 2 else tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False)
             for i, t in enumerate(texts)
-        ]
+        ]  # fmt: skip
     ids: list[int] = []
     for t in texts:
         ids += tok(t, add_special_tokens=False)["input_ids"]
@@ -302,7 +319,7 @@ def _token_json(path: Path) -> list[torch.Tensor]:
     return out
 
 
-def _texts(spec: str, path: Path) -> list[str]:
+def _texts(spec: str, path: Path, seed: int = 0) -> list[str | list[dict]]:
     if spec == "embedded":
         import pydoc_data.topics
 
@@ -335,11 +352,22 @@ def _texts(spec: str, path: Path) -> list[str]:
         import datasets
     except ImportError:
         raise StepquantError(f"calibration data {spec!r}: not a file, and `datasets` is not installed") from None
+    config, split, field = DATASETS.get(spec, (None, "train", "text"))
     try:
-        ds = datasets.load_dataset(spec, split="train", streaming=True)
-        return [row["text"] for row, _ in zip(ds, range(10_000)) if isinstance(row.get("text"), str)]
+        ds = datasets.load_dataset(spec, config, split=split, streaming=True).shuffle(seed=seed, buffer_size=DATASET_ROWS)
+        rows = [row.get(field) for row, _ in zip(ds, range(DATASET_ROWS))]
     except Exception as exc:  # noqa: BLE001 - any failure of a remote dataset is bad input here
         raise StepquantError(f"calibration data {spec!r}: cannot load ({type(exc).__name__})") from None
+    texts = [r for r in rows if isinstance(r, str) and r.strip() or _is_chat(r)]
+    if not texts:
+        raise StepquantError(f"calibration data {spec!r}: no rows with a {field!r} field of text or messages")
+    return texts
+
+
+def _is_chat(row: object) -> bool:
+    return isinstance(row, list) and bool(row) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in row
+    )
 
 
 def canonical_module(name: str, memory_names: tuple[tuple[str, str], ...]) -> str:

@@ -58,6 +58,7 @@ class ConvertOptions:
     trust_remote_code: bool = False
     allow_nonfinite: bool = False  # keep modules whose weights hold NaN/Inf unquantized (else refused)
     calib_all_experts: bool = False  # every token through every expert for statistics (routed outputs flow on)
+    calib_seed: int = 0  # shuffles a calibration dataset given by Hub id (recorded in the manifest)
     revision: str | None = None
 
     def resolve_recipe(self) -> Recipe:
@@ -190,7 +191,8 @@ def _calibrate(ckpt: Checkpoint, prep: Prepared, opts: ConvertOptions) -> Activa
     from .calibrate import calibrate, load_batches, load_model, to_canonical
 
     r = prep.recipe
-    batches, described = load_batches(r.calib_data, ckpt.root, r.calib_samples, r.calib_seq_len, opts.trust_remote_code)
+    batches, described = load_batches(r.calib_data, ckpt.root, r.calib_samples, r.calib_seq_len, opts.trust_remote_code,
+                                      opts.calib_seed)  # fmt: skip
     model = load_model(ckpt.root, ckpt.config, opts.calib_device or opts.device, opts.trust_remote_code)
     _finite_for_calibration(model, opts.allow_nonfinite)
     stats = calibrate(model, batches, opts.calib_all_experts)
@@ -413,6 +415,7 @@ def _manifest(ckpt: Checkpoint, opts: ConvertOptions, prep: Prepared, acts: Acti
     if acts is not None:
         calib = {
             "data": acts.source,
+            "seed": opts.calib_seed,
             "samples": acts.samples,
             "tokens": acts.tokens,
             "expert_tokens": {k: v.tolist() for k, v in sorted(acts.expert_tokens.items())},

@@ -27,6 +27,8 @@ from ..shards import DEFAULT_MAX_SHARD
 @click.option("--calib-data", help="embedded | a .txt/.jsonl file | a token-id .json | an HF dataset id.")
 @click.option("--calib-samples", type=int, help="Number of calibration sequences.")
 @click.option("--calib-seq-len", type=int, help="Tokens per calibration sequence.")
+@click.option("--calib-seed", type=int, default=0, show_default=True,
+              help="Seed of the shuffle of a calibration dataset given by Hub id (recorded in the manifest).")
 @click.option("--calib-all-experts", is_flag=True,
               help="Send every calibration token through every expert for statistics; only routed outputs flow on.")
 @click.option("--expert-input-scale", type=click.Choice(["shared", "per-expert"]),
