@@ -81,9 +81,6 @@ def _recording(model: torch.nn.Module, stats: CalibStats, all_experts: bool = Fa
     tokens routed to it) and K/V. `all_experts`: before each routed pass, the experts module also runs
     every token through every expert for the statistics alone (llm-compressor's behaviour); its output
     is dropped, so only the routed outputs flow on, and the token counts stay the routed ones."""
-    from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     names = {m: n for n, m in model.named_modules()}
     handles = []
 

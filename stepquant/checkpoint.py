@@ -191,12 +191,13 @@ def open_checkpoint(src: str | os.PathLike, revision: str | None = None, allow_p
     config = _read_config(root)
     shards, tensors, pickled = _read_weights(root, allow_pickle)
     weight_files = {p.name for p in shards}
-    for p in root.iterdir():
+    entries = list(root.iterdir())
+    for p in entries:
         if not _within(root, p):
             raise StepquantError(f"{p}: a link out of the checkpoint folder; refusing to read what it points to")
     sidecars = sorted(
         p.name
-        for p in root.iterdir()
+        for p in entries
         if p.is_file()
         and not p.name.startswith(".")
         and p.name not in weight_files

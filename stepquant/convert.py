@@ -25,10 +25,10 @@ from .quantize import Activations, Executor
 from .recipes import Recipe, load_recipe
 from .shards import DEFAULT_MAX_SHARD, OutputDir, OutTensor, parse_size
 
-# Files of the source that are not carried over: they describe the source, not the output.
-NOT_COPIED = {"config.json", "hf_quant_config.json", "README.md", ".gitattributes", "stepquant.json", "expert_coverage.png"}
 MANIFEST = "stepquant.json"
 COVERAGE = "expert_coverage.png"  # calibration tokens per layer and expert, beside the manifest
+# Files of the source that are not carried over: they describe the source, not the output.
+NOT_COPIED = {"config.json", "hf_quant_config.json", "README.md", ".gitattributes", MANIFEST, COVERAGE}
 # Model-card metadata of the source that describes the converted model too.
 CARRIED_METADATA = ("license", "license_name", "license_link", "language", "pipeline_tag", "library_name")
 CANONICAL = "step-hub"
@@ -114,21 +114,18 @@ def prepare(ckpt: Checkpoint, opts: ConvertOptions) -> Prepared:
 def nonfinite_modules(executor: Executor) -> dict[str, str]:
     """Modules (expert layers) the plan quantizes whose source weights hold NaN or Inf -> why; reads
     every one of those weights once."""
+    import torch
+
     bad = {}
     for lin in executor.plan.linears:
-        if lin.fmt_out is not None and lin.fmt_out.quant_algo:
-            try:
-                executor.linear_weight(lin)
-            except StepquantError:
-                bad[lin.module] = f"NaN or Inf in '{lin.parts['weight']}'"
+        if lin.fmt_out is not None and lin.fmt_out.quant_algo and not torch.isfinite(executor.linear_weight(lin, check=False)).all():
+            bad[lin.module] = f"NaN or Inf in '{lin.parts['weight']}'"
     for ex in executor.plan.experts:
         if ex.fmt_out is not None and ex.fmt_out.quant_algo:
-            for key, e in ((k, e) for k in ex.parts for e in range(ex.num)):
-                try:
-                    executor.expert_weight(ex, key, e)
-                except StepquantError:
-                    bad[ex.layer] = f"NaN or Inf in expert {e} {key}"
-                    break
+            where = next(((e, k) for k in ex.parts for e in range(ex.num)
+                          if not torch.isfinite(executor.expert_weight(ex, k, e, check=False)).all()), None)  # fmt: skip
+            if where:
+                bad[ex.layer] = f"NaN or Inf in expert {where[0]} {where[1]}"
     return bad
 
 

@@ -86,7 +86,7 @@ def load_recipe(name_or_path: str | None) -> Recipe:
     if not isinstance(data, dict):
         raise StepquantError(f"{path}: a recipe is a YAML mapping")
     known = {f.name for f in fields(Recipe)}
-    unknown = sorted(map(repr, set(data) - known)) if any(not isinstance(k, str) for k in data) else sorted(set(data) - known)
+    unknown = sorted(map(str, set(data) - known))  # YAML keys need not be strings
     if unknown:
         raise StepquantError(f"{path}: unknown recipe field(s) {', '.join(unknown)}")
     return Recipe(**{"name": path.stem, **data}).validate(str(path))
