@@ -70,6 +70,17 @@ def load_model(root: Path, config: dict, device: str = "cpu", trust_remote_code:
     return model.to(device).eval()
 
 
+def finite_weights(module: torch.nn.Module, allow: bool, prefix: str = "") -> None:
+    """A NaN or Inf weight would turn every activation after it into NaN: refuse it by name, or (with
+    --allow-nonfinite, whose modules stay unquantized) let calibration see zeros in its place."""
+    for name, p in module.named_parameters(prefix.rstrip(".")):
+        if p.is_floating_point() and not p.is_meta and not torch.isfinite(p).all():
+            if not allow:
+                raise StepquantError(f"{name}: NaN or Inf in the source weights (--allow-nonfinite keeps such modules unquantized)")
+            with torch.no_grad():
+                p.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _is_fused_experts(module: torch.nn.Module) -> bool:
     p = getattr(module, "gate_up_proj", None)
     return isinstance(p, torch.nn.Parameter) and p.dim() == 3 and isinstance(getattr(module, "down_proj", None), torch.nn.Parameter)

@@ -59,6 +59,7 @@ class ConvertOptions:
     allow_nonfinite: bool = False  # keep modules whose weights hold NaN/Inf unquantized (else refused)
     calib_all_experts: bool = False  # every token through every expert for statistics (routed outputs flow on)
     calib_seed: int = 0  # shuffles a calibration dataset given by Hub id (recorded in the manifest)
+    calib_mode: str = "layers"  # "layers": one decoder layer in memory at a time; "model": the whole model
     revision: str | None = None
 
     def resolve_recipe(self) -> Recipe:
@@ -160,7 +161,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None
         with OutputDir(dst, fingerprint, resume=opts.resume, overwrite=opts.overwrite) as out:
             if needs_calib:  # deterministic, so a resumed run recalibrates to the same scales
                 t0 = time.time()
-                acts = _calibrate(ckpt, prep, opts)
+                acts = _calibrate(ckpt, prep, opts, out.scratch("calibration"))
                 timings["calibration_seconds"] = round(time.time() - t0, 3)
             executor = Executor(ckpt, prep.plan, acts, prep.recipe.expert_input_scale, opts.device)
             executor.check_calibration()
@@ -184,15 +185,27 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None
             return out.commit()
 
 
-def _calibrate(ckpt: Checkpoint, prep: Prepared, opts: ConvertOptions) -> Activations:
-    from .calibrate import calibrate, load_batches, load_model, to_canonical
+def _calibrate(ckpt: Checkpoint, prep: Prepared, opts: ConvertOptions, state: Path | None = None) -> Activations:
+    """Calibration statistics in canonical names, layer-streamed (resumable through `state`) or with the
+    whole model in memory: the same numbers either way."""
+    from .calibrate import calibrate, finite_weights, load_batches, load_model, to_canonical
 
     r = prep.recipe
     batches, described = load_batches(r.calib_data, ckpt.root, r.calib_samples, r.calib_seq_len, opts.trust_remote_code,
                                       opts.calib_seed)  # fmt: skip
-    model = load_model(ckpt.root, ckpt.config, opts.calib_device or opts.device, opts.trust_remote_code)
-    _finite_for_calibration(model, opts.allow_nonfinite)
-    stats = calibrate(model, batches, opts.calib_all_experts)
+    device = opts.calib_device or opts.device
+    if opts.calib_mode == "model":
+        model = load_model(ckpt.root, ckpt.config, device, opts.trust_remote_code)
+        finite_weights(model, opts.allow_nonfinite)
+        stats = calibrate(model, batches, opts.calib_all_experts)
+    elif opts.calib_mode == "layers":
+        from .layerwise import build_meta_model, calibrate_layers
+
+        model = build_meta_model(ckpt.root, ckpt.config, trust_remote_code=opts.trust_remote_code)
+        reader = Executor(ckpt, prep.plan, None, r.expert_input_scale)
+        stats = calibrate_layers(model, reader, batches, device, opts.calib_all_experts, state, opts.allow_nonfinite)
+    else:
+        raise StepquantError(f"--calib-mode {opts.calib_mode!r}: expected 'layers' or 'model'")
     del model
     acts = to_canonical(stats, prep.plan.family.memory_names)
     acts.source = described
@@ -219,19 +232,6 @@ def _ranges(ids: list[int]) -> str:
             out.append(f"{start}-{v}" if v > start else str(v))
             start = None
     return ", ".join(out)
-
-
-def _finite_for_calibration(model, allow: bool) -> None:
-    """A NaN or Inf weight would turn every activation after it into NaN: refuse it by name, or (with
-    --allow-nonfinite, whose modules stay unquantized) let calibration see zeros in its place."""
-    import torch
-
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            if not allow:
-                raise StepquantError(f"{name}: NaN or Inf in the source weights (--allow-nonfinite keeps such modules unquantized)")
-            with torch.no_grad():
-                p.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def dry_run_summary(prep: Prepared) -> dict:

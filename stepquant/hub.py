@@ -59,7 +59,7 @@ def snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, str | Non
 # Publishing
 
 # Never uploaded: unfinished files, stepquant's journal and lock, caches, VCS and editor leftovers.
-NEVER_UPLOADED = ("*.partial", ".stepquant-journal.json", ".stepquant.lock", "*.lock", "gpqa-answers.jsonl",
+NEVER_UPLOADED = ("*.partial", ".stepquant-journal.json", ".stepquant.lock", ".stepquant-work/*", "*.lock", "gpqa-answers.jsonl",
                   ".cache/*", "__pycache__/*", ".git/*", ".huggingface/*", ".DS_Store", "*.tmp", "*~")  # fmt: skip
 REPORT_FILES = ("report.json", "report.md", "*.png")  # what of a verify report goes up, under verify/
 REPORT_DIR = "verify"

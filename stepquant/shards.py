@@ -28,6 +28,7 @@ from .stfile import DTYPES, build_header
 INDEX_NAME = "model.safetensors.index.json"
 JOURNAL = ".stepquant-journal.json"
 LOCK = ".stepquant.lock"
+SCRATCH = ".stepquant-work"  # in DST.partial: state a resumed run picks up (calibration), removed on commit
 DEFAULT_MAX_SHARD = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
@@ -242,7 +243,7 @@ class OutputDir:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None and self._created and not self.files:
+        if exc_type is not None and self._created and not self.files and not any((self.partial / SCRATCH).glob("*/*")):
             shutil.rmtree(self.partial, ignore_errors=True)  # failed before writing anything: nothing to resume
         self._unlock()
 
@@ -336,8 +337,15 @@ class OutputDir:
         shutil.copyfile(src, tmp)
         os.replace(tmp, self.partial / name)
 
+    def scratch(self, name: str) -> Path:
+        """A folder in DST.partial for work state that a resumed run reads (not part of the result)."""
+        path = self.partial / SCRATCH / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def commit(self) -> Path:
-        """Drop the journal and lock, then rename DST.partial to DST (replacing DST with --overwrite)."""
+        """Drop the journal, lock and work state, then rename DST.partial to DST (replacing DST with --overwrite)."""
+        shutil.rmtree(self.partial / SCRATCH, ignore_errors=True)
         (self.partial / JOURNAL).unlink(missing_ok=True)
         (self.partial / LOCK).unlink(missing_ok=True)
         old = None

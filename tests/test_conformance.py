@@ -34,13 +34,15 @@ def compare_with_modelopt(ours_dir, ref_dir):
     assert h_ours == h_ref
 
 
+@pytest.mark.parametrize("calib_mode", ["layers", "model"])
 @pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
-def test_matches_modelopt_reference(ref, tmp_path, fmt):
+def test_matches_modelopt_reference(ref, tmp_path, fmt, calib_mode):
+    """Layer-streamed calibration (the default) and the whole model in memory both match ModelOpt."""
     out = convert(
         ref / "bf16",
         tmp_path / fmt,
         ConvertOptions(to=fmt, scope="all-linear", kv_cache="fp8", moe_layout="per-expert", naming="keep",
-                       expert_input_scale="shared", calib_data=str(ref / "calib_tokens.json")),
+                       expert_input_scale="shared", calib_data=str(ref / "calib_tokens.json"), calib_mode=calib_mode),
     )  # fmt: skip
     compare_with_modelopt(out, ref / fmt)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]

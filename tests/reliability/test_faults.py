@@ -131,6 +131,23 @@ def test_random_sigkill_then_resume_is_byte_identical(model, sources, references
            resumed_byte_identical=interrupted, kills_after_the_end_retried=late)  # fmt: skip
 
 
+def test_sigkill_at_random_layers_then_resume(sources, references, tmp_path):
+    """Killed right after the calibration state of a random decoder layer is saved; --resume picks the
+    calibration up after that layer and gives the byte-identical checkpoint."""
+    src, args = sources["demo nvfp4"]
+    layers = json.loads((src / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    rng = random.Random("sigkill at a layer")
+    for trial, layer in enumerate(rng.sample(range(layers - 1), 2)):
+        dst = tmp_path / f"layer{trial}"
+        proc = _spawn(src, dst, args, env={"STEPQUANT_FAULT_KILL_AFTER_LAYER": str(layer)})
+        proc.communicate(timeout=300)
+        assert proc.returncode == -signal.SIGKILL
+        work = dst.with_name(dst.name + ".partial") / ".stepquant-work" / "calibration"
+        assert sorted(p.name for p in work.iterdir()) == [f"L{layer}.hidden", f"L{layer}.json"]
+        assert _after_fault("demo nvfp4", src, digest(src), dst, args, references["demo nvfp4"]) == "resumed"
+    record("fault", "SIGKILL after a random layer's calibration, demo nvfp4", trials=2, survived=2)
+
+
 def test_disk_full_then_resume(sources, references, tmp_path):
     src, args = sources["multi-shard rename"]
     src_digest = digest(src)

@@ -1,0 +1,137 @@
+"""stepquant against NVIDIA ModelOpt on the same GPU, in one run (issue 8): a generated Qwen3-MoE
+(hidden 2048, 8 layers, 64 experts x 768, top-8, 16/4 heads, vocab 32000; about 5.3 GB BF16), 128 x 512
+calibration tokens, NVFP4 all-linear + FP8 KV cache. Each tool runs in its own process (ModelOpt patches
+transformers on import); wall time (after imports), its parts and peak GPU memory are measured, then the
+two outputs are compared tensor by tensor as the conformance test does.
+
+Run: python benchmarks/vs_modelopt.py WORKDIR   (ModelOpt 0.47 importable)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPE = dict(hidden_size=2048, num_hidden_layers=8, num_experts=64, moe_intermediate_size=768, num_experts_per_tok=8,
+             num_attention_heads=16, num_key_value_heads=4, head_dim=128, vocab_size=32000, intermediate_size=6144,
+             decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=4096)  # fmt: skip
+SAMPLES, SEQ_LEN, BATCH = 128, 512, 16
+
+
+def generate(root: Path) -> None:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen3MoeForCausalLM._from_config(Qwen3MoeConfig(**SHAPE), dtype=torch.bfloat16)
+    model.save_pretrained(root / "bf16")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, SHAPE["vocab_size"], (SAMPLES, SEQ_LEN), generator=g)
+    (root / "calib.json").write_text(json.dumps({"batches": [b.tolist() for b in ids.split(BATCH)]}))
+
+
+def run_modelopt(root: Path) -> dict:
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    batches = [torch.tensor(b) for b in json.loads((root / "calib.json").read_text())["batches"]]
+    torch.cuda.synchronize()
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(root / "bf16", dtype=torch.bfloat16, device_map="cuda").eval()
+    t1 = time.time()
+    cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
+    cfg["quant_cfg"] = list(cfg["quant_cfg"]) + list(mtq.FP8_KV_CFG["quant_cfg"])
+    cfg["algorithm"] = "max"
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for ids in batches:
+                m(input_ids=ids.cuda())
+
+    mtq.quantize(model, cfg, forward_loop)
+    torch.cuda.synchronize()
+    t2 = time.time()
+    with torch.no_grad():
+        export_hf_checkpoint(model, export_dir=root / "modelopt")
+    t3 = time.time()
+    return {"wall_seconds": t3 - t0, "load_seconds": t1 - t0, "calibration_seconds": t2 - t1, "export_seconds": t3 - t2,
+            "peak_gpu_allocated": torch.cuda.max_memory_allocated(), "peak_gpu_reserved": torch.cuda.max_memory_reserved()}  # fmt: skip
+
+
+def run_stepquant(root: Path) -> dict:
+    from stepquant.convert import ConvertOptions, convert
+
+    t0 = time.time()
+    out = convert(root / "bf16", root / "stepquant", ConvertOptions(
+        to="nvfp4", scope="all-linear", kv_cache="fp8", moe_layout="per-expert", naming="keep",
+        expert_input_scale="shared", calib_data=str(root / "calib.json"), device="cuda", overwrite=True))  # fmt: skip
+    wall = time.time() - t0
+    timings = json.loads((out / "stepquant.json").read_text())["timings"]
+    return {"wall_seconds": wall, "calibration_seconds": timings["calibration_seconds"],
+            "quantize_write_seconds": wall - timings["calibration_seconds"],
+            "peak_gpu_allocated": torch.cuda.max_memory_allocated(), "peak_gpu_reserved": torch.cuda.max_memory_reserved()}  # fmt: skip
+
+
+def compare(ours: Path, ref: Path) -> dict:
+    """Names, dtypes, shapes; weights and weight scales bit for bit; activation scales' largest relative gap."""
+    from safetensors.torch import load_file
+
+    def load(folder: Path) -> dict:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    a, b = load(ours), load(ref)
+    out = {"same_names": sorted(a) == sorted(b), "only_ours": sorted(set(a) - set(b))[:5], "only_modelopt": sorted(set(b) - set(a))[:5]}
+    bits_differ, worst = [], {}
+    for name in sorted(set(a) & set(b)):
+        x, y = a[name], b[name]
+        if (x.dtype, x.shape) != (y.dtype, y.shape):
+            bits_differ.append(name)
+        elif name.endswith(("input_scale", "k_scale", "v_scale")):
+            kind = name.rsplit(".", 1)[1]
+            rel = ((x.float() - y.float()).abs() / y.float().abs().clamp_min(1e-30)).max().item()
+            worst[kind] = max(worst.get(kind, 0.0), rel)
+            if rel > 1e-6:
+                bits_differ.append(name)
+        elif not torch.equal(x.view(torch.uint8) if x.element_size() == 1 else x, y.view(torch.uint8) if y.element_size() == 1 else y):
+            bits_differ.append(name)
+    out.update({"tensors": len(b), "differ": len(bits_differ), "first_differing": bits_differ[:8],
+                "activation_scale_max_rel_diff": worst})  # fmt: skip
+    hq = [json.loads((p / "hf_quant_config.json").read_text())["quantization"] for p in (ours, ref)]
+    out["hf_quant_config_equal"] = hq[0] == hq[1]
+    return out
+
+
+def main(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    generate(root)
+    result = {"device": torch.cuda.get_device_name(), "generate_seconds": round(time.time() - t0, 1),
+              "source_bytes": sum(p.stat().st_size for p in (root / "bf16").glob("*.safetensors"))}  # fmt: skip
+    for tool in ("modelopt", "stepquant"):
+        proc = subprocess.run([sys.executable, __file__, tool, str(root)], capture_output=True, text=True)
+        if proc.returncode:
+            result[tool] = {"error": proc.stderr[-3000:]}
+            continue
+        result[tool] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if all("error" not in result[t] for t in ("modelopt", "stepquant")):
+        mo, sq = result["modelopt"], result["stepquant"]
+        result["wall_ratio"] = round(sq["wall_seconds"] / mo["wall_seconds"], 3)
+        result["peak_gpu_ratio"] = round(sq["peak_gpu_allocated"] / mo["peak_gpu_allocated"], 3)
+        result["comparison"] = compare(root / "stepquant", root / "modelopt")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] in ("modelopt", "stepquant"):
+        runner = run_modelopt if sys.argv[1] == "modelopt" else run_stepquant
+        print(json.dumps(runner(Path(sys.argv[2]))))
+    else:
+        main(Path(sys.argv[1]))
