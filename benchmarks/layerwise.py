@@ -43,6 +43,7 @@ class Meter:
 
     def __init__(self) -> None:
         self.phase, self.rss, self.gpu, self.layers = "setup", {}, {}, []
+        self.t0 = time.time()
         self._stop = threading.Event()
         threading.Thread(target=self._sample, daemon=True).start()
 
@@ -77,11 +78,15 @@ class Meter:
                 return load(self, module)
             if meter.layers:  # the previous layer's batches
                 meter.layers[-1]["peak_running"] = torch.cuda.max_memory_allocated()
-            before = torch.cuda.memory_allocated()
+                meter.gpu["calibration"] = max(meter.gpu.get("calibration", 0), meter.layers[-1]["peak_running"])
+            before, t0 = torch.cuda.memory_allocated(), time.time()
             torch.cuda.reset_peak_memory_stats()
             load(self, module)
-            meter.layers.append({"before_load": before, "loaded": torch.cuda.memory_allocated(),
+            torch.cuda.synchronize()
+            meter.layers.append({"t": round(t0 - meter.t0, 2), "load_seconds": round(time.time() - t0, 2),
+                                 "before_load": before, "loaded": torch.cuda.memory_allocated(),
                                  "peak_loading": torch.cuda.max_memory_allocated()})  # fmt: skip
+            torch.cuda.reset_peak_memory_stats()  # from here: the peak while the batches run
             meter.gpu["calibration"] = max(meter.gpu.get("calibration", 0), meter.layers[-1]["peak_loading"])
 
         sq_convert._calibrate = timed_calibrate

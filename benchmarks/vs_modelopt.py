@@ -104,9 +104,27 @@ def compare(ours: Path, ref: Path) -> dict:
             bits_differ.append(name)
     out.update({"tensors": len(b), "differ": len(bits_differ), "first_differing": bits_differ[:8],
                 "activation_scale_max_rel_diff": worst})  # fmt: skip
+    out["gate_up_detail"] = _gate_up_detail(a, b, ours.parent / "bf16", bits_differ)
     hq = [json.loads((p / "hf_quant_config.json").read_text())["quantization"] for p in (ours, ref)]
     out["hf_quant_config_equal"] = hq[0] == hq[1]
     return out
+
+
+def _gate_up_detail(a: dict, b: dict, src: Path, differing: list[str]) -> list[dict]:
+    """For the first experts whose gate/up differ: both tools' weight_scale_2 and the source weights' amax/(6*448)."""
+    from safetensors.torch import load_file
+
+    source = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(f).items()}
+    prefixes = sorted({n.rsplit(".", 1)[0] for n in differing if ".experts." in n and "gate_proj" in n})[:6]
+    rows = []
+    for p in prefixes:
+        up = p.replace("gate_proj", "up_proj")
+        row = {"expert": p}
+        for tag, t in (("ours", a), ("modelopt", b)):
+            row[tag] = [t[f"{m}.weight_scale_2"].item() for m in (p, up)]
+        row["source_amax_over_2688"] = [source[f"{m}.weight"].float().abs().amax().item() / 2688 for m in (p, up) if f"{m}.weight" in source]
+        rows.append(row)
+    return rows
 
 
 def main(root: Path) -> None:

@@ -34,9 +34,17 @@ class CalibStats:
     batches: int = 0
     tokens: int = 0
 
+    def cpu(self) -> CalibStats:
+        """The statistics moved to host memory (they are gathered on the forward's device, without syncs)."""
+        for f in ("linear", "experts_in", "experts_mid", "expert_tokens", "k", "v"):
+            setattr(self, f, {k: v.cpu() for k, v in getattr(self, f).items()})
+        return self
+
 
 def _amax(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().abs().amax().float().cpu() if x.numel() else torch.zeros((), dtype=torch.float32)
+    """max |x| as a 0-dim fp32 tensor on x's device (one fused reduction, no copy of x, no sync)."""
+    x = x.detach()
+    return torch.linalg.vector_norm(x, float("inf")).float() if x.numel() else torch.zeros((), device=x.device)
 
 
 def _update(store: dict, key: str, value: torch.Tensor) -> None:
@@ -74,11 +82,18 @@ def finite_weights(module: torch.nn.Module, allow: bool, prefix: str = "") -> No
     """A NaN or Inf weight would turn every activation after it into NaN: refuse it by name, or (with
     --allow-nonfinite, whose modules stay unquantized) let calibration see zeros in its place."""
     for name, p in module.named_parameters(prefix.rstrip(".")):
-        if p.is_floating_point() and not p.is_meta and not torch.isfinite(p).all():
+        if p.is_floating_point() and not p.is_meta and not all_finite(p):
             if not allow:
                 raise StepquantError(f"{name}: NaN or Inf in the source weights (--allow-nonfinite keeps such modules unquantized)")
             with torch.no_grad():
                 p.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """Whether every value is finite, in slices: `torch.isfinite` of a whole tensor makes several
+    temporaries its size (a 2 GB expert parameter would cost ~5 GB more)."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def _is_fused_experts(module: torch.nn.Module) -> bool:
@@ -193,7 +208,7 @@ def wrapped_attention(model: torch.nn.Module, before):
 
 
 def _vec_update(store: dict, key: str, n: int, e: int, value: torch.Tensor) -> None:
-    vec = store.setdefault(key, torch.zeros(n, dtype=torch.float32))
+    vec = store.setdefault(key, torch.zeros(n, dtype=torch.float32, device=value.device))
     vec[e] = torch.maximum(vec[e], value)
 
 
@@ -212,7 +227,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor], all_exper
             model(input_ids=ids.to(device), use_cache=False)
             stats.batches += 1
             stats.tokens += ids.numel()
-    return stats
+    return stats.cpu()
 
 
 def coverage_png(expert_tokens: dict[str, torch.Tensor]) -> bytes:

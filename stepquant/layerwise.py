@@ -41,9 +41,11 @@ from .quantize import Executor
 
 log = logging.getLogger("stepquant")
 STATS_FIELDS = ("linear", "experts_in", "experts_mid", "expert_tokens", "k", "v")
-# A layer's hidden states are saved for --resume when the time since the last save is at least this many
-# times what that save took (so saving costs at most about 1/SAVE_RATIO of the calibration time).
-SAVE_RATIO = 4
+# A layer's hidden states are saved for --resume when at least SAVE_SECONDS have passed since the last save
+# (or the start) and at least SAVE_RATIO times what that save took (so saving costs at most about
+# 1/SAVE_RATIO of the calibration time; a short calibration is simply run again).
+SAVE_SECONDS = 60.0
+SAVE_RATIO = 10
 
 
 class _Stop(Exception):
@@ -257,7 +259,8 @@ class LayerState:
         stats = CalibStats()
         for f in STATS_FIELDS:
             dtypes = meta["stat_dtypes"][f]
-            setattr(stats, f, {k: torch.tensor(v, dtype=getattr(torch, dtypes[k])) for k, v in meta["stats"][f].items()})
+            setattr(stats, f, {k: torch.tensor(v, dtype=getattr(torch, dtypes[k]), device="cpu" if f == "expert_tokens" else device)
+                               for k, v in meta["stats"][f].items()})  # fmt: skip
         stats.batches, stats.tokens = meta["counts"]
         dtype = getattr(torch, meta["dtype"])
         hidden = []
@@ -323,7 +326,7 @@ def calibrate_layers(model: torch.nn.Module, executor: Executor, batches: list[t
         hidden = [h.to(where) for h in hidden]
         kill_after = os.environ.get("STEPQUANT_FAULT_KILL_AFTER_LAYER")  # test hook: save layer N, then SIGKILL
         kill_after = int(kill_after) if kill_after else None
-        last_save, save_cost = 0.0, 0.0
+        last_save, save_cost = time.monotonic(), 0.0
         first = 0 if start is None else start + 1
         bar = tqdm(total=len(layers), initial=first, unit="layer", desc="calibration", disable=None)
         for i in range(first, len(layers)):
@@ -335,7 +338,8 @@ def calibrate_layers(model: torch.nn.Module, executor: Executor, batches: list[t
                 hidden[b] = (out[0] if isinstance(out, tuple) else out).to(where)
             _release(layer)
             bar.update()
-            due = time.monotonic() - last_save >= SAVE_RATIO * save_cost or i == kill_after
+            since = time.monotonic() - last_save
+            due = since >= max(SAVE_SECONDS, SAVE_RATIO * save_cost) or i == kill_after
             if saver and i + 1 < len(layers) and due:
                 t0 = time.monotonic()
                 saver.save(i, stats, hidden)
@@ -344,7 +348,7 @@ def calibrate_layers(model: torch.nn.Module, executor: Executor, batches: list[t
                 os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
         _final_norm(model, dec, loader, stats, hidden, dev)
-    return stats
+    return stats.cpu()
 
 
 def _final_norm(model, dec, loader: LayerLoader, stats: CalibStats, hidden: list[torch.Tensor], dev) -> None:

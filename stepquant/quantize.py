@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +22,7 @@ from .plan import FUSION, Experts, Linear, Plan
 from .shards import OutTensor
 from .stfile import DTYPES, TORCH_TO_ST
 
-CACHE_BYTES = 4 * 1024**3  # holds a layer's gate and up results (quantized together)
+CACHE_BYTES = 4 * 1024**3  # bound on kept results whose readers were skipped (a resumed run); see _cached
 BATCH_BYTES = 256 * 1024**2  # experts quantized per step
 _READERS = ThreadPoolExecutor(8, thread_name_prefix="stepquant-read")  # pread releases the GIL
 
@@ -58,6 +58,7 @@ class Executor:
         self.acts = acts
         self.per_expert_scales = expert_input_scale == "per-expert"
         self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._readers: Counter[tuple] = Counter()  # cache key -> output readers still to come
         self._amax: dict[str, torch.Tensor] = {}
         self.by_module = {lin.module: lin for lin in plan.linears}
         self._staged: dict[int, torch.Tensor] = {}
@@ -133,14 +134,27 @@ class Executor:
 
     # -- producing --------------------------------------------------------------------------------
     def _cached(self, key: tuple, make: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """A result several output tensors read (a module's weight and scales; gate and up, quantized
+        together). Kept while readers of it are still to come (`_read_done` drops it after the last),
+        within CACHE_BYTES."""
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         value = make()
-        self._cache[key] = value
+        if self._readers[key] > 0:
+            self._cache[key] = value
         while len(self._cache) > 1 and sum(t.numel() * t.element_size() for v in self._cache.values() for t in v.values()) > CACHE_BYTES:
             self._cache.popitem(last=False)
         return value
+
+    def _reader(self, key: tuple) -> tuple:
+        self._readers[key] += 1
+        return key
+
+    def _read_done(self, key: tuple) -> None:
+        self._readers[key] -= 1
+        if self._readers[key] <= 0:
+            self._cache.pop(key, None)
 
     def _input_amax(self, modules: list[str]) -> torch.Tensor:
         vals = [self.acts.linear[m] for m in modules if self.acts and m in self.acts.linear]
@@ -181,7 +195,7 @@ class Executor:
             list(_READERS.map(lambda job: self._read_expert_into(ex, *job), jobs))
             return bufs
 
-        parts: dict[str, list[dict[str, torch.Tensor]]] = {k: [] for k in keys}
+        out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
         with ThreadPoolExecutor(1) as prefetch:
             pending = prefetch.submit(load, batches[0], 0)
             for i, batch in enumerate(batches):
@@ -197,10 +211,11 @@ class Executor:
                         raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {k}")
                 shared = torch.stack(list(amax.values())).amax(0)  # gate/up of one expert share (fused in memory)
                 for k, w in ws.items():
-                    parts[k].append({s: t.cpu() for s, t in fmt.quantize_stacked(w, shared).items()})
-        out = {}
+                    for s, t in fmt.quantize_stacked(w, shared).items():  # into one host tensor per suffix
+                        if s not in out[k]:
+                            out[k][s] = torch.empty((ex.num, *t.shape[1:]), dtype=t.dtype)
+                        out[k][s][batch.start : batch.stop].copy_(t)
         for k in keys:
-            out[k] = {s: torch.cat([p[s] for p in parts[k]]) for s in parts[k][0]}
             if fmt.calibrated:
                 out[k]["input_scale"] = self.expert_input_scales(ex, k, fmt)
             _checked(out[k], f"{ex.layer} experts {k}")
@@ -224,6 +239,7 @@ class Executor:
     # -- the output list --------------------------------------------------------------------------
     def outputs(self) -> list[OutTensor]:
         outs: list[OutTensor] = []
+        self._readers.clear()
         for name in self.plan.copies:
             t = self.ckpt.tensors[self._src(name)]
             outs.append(OutTensor(name, t.dtype, t.shape, t.nbytes, _stream(self.ckpt, t.name)))
@@ -265,8 +281,13 @@ class Executor:
         specs = dict(lin.fmt_out.specs(lin.shape))
         if lin.fmt_out.calibrated:
             specs["input_scale"] = ("F32", ())
-        get = lambda: self._cached(("lin", lin.module), lambda: self.quantize_linear(lin))  # noqa: E731
-        return [_lazy(f"{lin.module}.{s}", dt, shp, get, s) for s, (dt, shp) in specs.items()]
+        key = ("lin", lin.module)
+        get = lambda: self._cached(key, lambda: self.quantize_linear(lin))  # noqa: E731
+        outs = []
+        for s, (dt, shp) in specs.items():
+            self._reader(key)
+            outs.append(_lazy(f"{lin.module}.{s}", dt, shp, get, s, lambda: self._read_done(key)))
+        return outs
 
     def _expert_outputs(self, ex: Experts) -> list[OutTensor]:
         fam = self.plan.family
@@ -306,11 +327,15 @@ class Executor:
         return t.dtype, tuple(shape)
 
     def _expert_chunks(self, ex: Experts, key: str, suffix: str, experts) -> Callable[[], Iterator[bytes]]:
+        cache_key = self._reader(("ex", ex.layer, key)) if ex.fmt_out is not None else None
+
         def chunks() -> Iterator[bytes]:
-            if ex.fmt_out is not None:
-                full = self._cached(("ex", ex.layer, key), lambda: self.quantize_experts(ex, key))[suffix]
+            if cache_key is not None:
+                full = self._cached(cache_key, lambda: self.quantize_experts(ex, key))[suffix]
                 for e in experts:
                     yield _bytes(full[e])
+                del full
+                self._read_done(cache_key)
                 return
             for e in experts:  # relayout only: bytes of one expert at a time
                 yield _bytes(self.expert_part(ex, key, e, suffix))
@@ -357,12 +382,16 @@ def _copy(ckpt: Checkpoint, name: str, t) -> OutTensor:
     return OutTensor(name, t.dtype, t.shape, t.nbytes, _stream(ckpt, t.name))
 
 
-def _lazy(name: str, dtype: str, shape, get: Callable[[], dict], suffix: str) -> OutTensor:
+def _lazy(name: str, dtype: str, shape, get: Callable[[], dict], suffix: str,
+          done: Callable[[], None] = lambda: None) -> OutTensor:  # fmt: skip
+    """An output computed on demand by `get`; `done` is told when its bytes have been handed on."""
     def chunks():
         t = get()[suffix]
         if TORCH_TO_ST[t.dtype] != dtype or tuple(t.shape) != tuple(shape):
             raise StepquantError(f"tensor '{name}': planned {dtype}{list(shape)}, got {TORCH_TO_ST[t.dtype]}{list(t.shape)}")
         yield _bytes(t)
+        del t
+        done()
 
     return OutTensor(name, dtype, tuple(shape), _nbytes(dtype, shape), chunks)
 

@@ -107,7 +107,7 @@ class _Drain:
     """A thread applying `fn` to queued chunks in order; at most QUEUE_BYTES wait, so memory stays
     bounded. Its error is raised to the producer at the next `put` or at `join`."""
 
-    QUEUE_BYTES = 1 << 30
+    QUEUE_BYTES = 512 << 20
 
     def __init__(self, fn: Callable, name: str) -> None:
         self.fn = fn

@@ -91,9 +91,7 @@ def test_resume_skips_saved_layers(demo_ckpt, tmp_path, monkeypatch):
     with ckpt:
         full = calibrate_layers(build_meta_model(ckpt.root, ckpt.config), reader, batches, state=tmp_path)
         saved = LayerState(tmp_path, "").folder
-        assert sorted(p.name for p in saved.iterdir())  # saves were made
-        for p in saved.iterdir():  # keep only a save after layer 1: rebuild it from a fresh partial run
-            p.unlink()
+        assert not list(saved.iterdir())  # a calibration this short is not worth saving
         loaded = []
         monkeypatch.setenv("STEPQUANT_FAULT_KILL_AFTER_LAYER", "")
         model = build_meta_model(ckpt.root, ckpt.config)
@@ -106,6 +104,7 @@ def test_resume_skips_saved_layers(demo_ckpt, tmp_path, monkeypatch):
 
         monkeypatch.setattr(LayerLoader, "load", stop_after_1)
         monkeypatch.setattr("stepquant.layerwise.SAVE_RATIO", 0)  # save after every layer
+        monkeypatch.setattr("stepquant.layerwise.SAVE_SECONDS", 0)
         with pytest.raises(KeyboardInterrupt):
             calibrate_layers(model, reader, batches, state=tmp_path)
         assert [p.name for p in sorted(saved.glob("*.json"))] == ["L1.json"]
