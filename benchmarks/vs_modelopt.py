@@ -104,27 +104,39 @@ def compare(ours: Path, ref: Path) -> dict:
             bits_differ.append(name)
     out.update({"tensors": len(b), "differ": len(bits_differ), "first_differing": bits_differ[:8],
                 "activation_scale_max_rel_diff": worst})  # fmt: skip
-    out["gate_up_detail"] = _gate_up_detail(a, b, ours.parent / "bf16", bits_differ)
+    out["explained_by_cuda_division"] = _explain(a, b, ours.parent / "bf16", bits_differ)
     hq = [json.loads((p / "hf_quant_config.json").read_text())["quantization"] for p in (ours, ref)]
     out["hf_quant_config_equal"] = hq[0] == hq[1]
     return out
 
 
-def _gate_up_detail(a: dict, b: dict, src: Path, differing: list[str]) -> list[dict]:
-    """For the first experts whose gate/up differ: both tools' weight_scale_2 and the source weights' amax/(6*448)."""
+def _explain(a: dict, b: dict, src: Path, differing: list[str]) -> dict:
+    """Whether every differing NVFP4 module is explained by how ModelOpt's weight_scale_2 was rounded on the
+    GPU: PyTorch's CUDA division by a Python scalar multiplies by fp32(1/2688) (one rounding more than
+    `amax / 2688`). For each differing fusion group: ModelOpt's ws2 against both roundings of the source
+    amax, and our quantizer run with ModelOpt's ws2 against ModelOpt's codes and block scales."""
     from safetensors.torch import load_file
 
+    from stepquant.formats import nvfp4_codes, pack_nibbles
+
     source = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(f).items()}
-    prefixes = sorted({n.rsplit(".", 1)[0] for n in differing if ".experts." in n and "gate_proj" in n})[:6]
-    rows = []
-    for p in prefixes:
-        up = p.replace("gate_proj", "up_proj")
-        row = {"expert": p}
-        for tag, t in (("ours", a), ("modelopt", b)):
-            row[tag] = [t[f"{m}.weight_scale_2"].item() for m in (p, up)]
-        row["source_amax_over_2688"] = [source[f"{m}.weight"].float().abs().amax().item() / 2688 for m in (p, up) if f"{m}.weight" in source]
-        rows.append(row)
-    return rows
+    groups = {"gate_proj": ("gate_proj", "up_proj"), "up_proj": ("gate_proj", "up_proj"),
+              "q_proj": ("q_proj", "k_proj", "v_proj"), "k_proj": ("q_proj", "k_proj", "v_proj"),
+              "v_proj": ("q_proj", "k_proj", "v_proj")}  # fmt: skip
+    modules = sorted({n.rsplit(".", 1)[0] for n in differing if not n.endswith(("input_scale", "k_scale", "v_scale"))})
+    rcp = torch.tensor(1 / 2688, dtype=torch.float32)
+    counts = {"modules": len(modules), "ws2_is_reciprocal_product": 0, "ours_is_exact_quotient": 0, "requantized_equal": 0}
+    for m in modules:
+        parent, proj = m.rsplit(".", 1)
+        members = [f"{parent}.{p}" for p in groups.get(proj, (proj,))]
+        amax = torch.stack([source[f"{x}.weight"].float().abs().amax() for x in members]).amax()
+        ws2 = b[f"{m}.weight_scale_2"]
+        counts["ws2_is_reciprocal_product"] += bool(ws2 == amax * rcp)
+        counts["ours_is_exact_quotient"] += bool(a[f"{m}.weight_scale_2"] == amax / 2688)
+        codes, sf = nvfp4_codes(source[f"{m}.weight"], ws2, 16)
+        counts["requantized_equal"] += bool(torch.equal(pack_nibbles(codes), b[f"{m}.weight"])
+                                            and torch.equal(sf.view(torch.uint8), b[f"{m}.weight_scale"].view(torch.uint8)))  # fmt: skip
+    return counts
 
 
 def main(root: Path) -> None:

@@ -60,6 +60,7 @@ class ConvertOptions:
     calib_all_experts: bool = False  # every token through every expert for statistics (routed outputs flow on)
     calib_seed: int = 0  # shuffles a calibration dataset given by Hub id (recorded in the manifest)
     calib_mode: str = "layers"  # "layers": one decoder layer in memory at a time; "model": the whole model
+    gpus: int = 1  # processes (one per GPU) that each calibrate a share of the batches; rank 0 writes
     revision: str | None = None
 
     def resolve_recipe(self) -> Recipe:
@@ -139,6 +140,8 @@ def plan_conversion(src: str | Path, opts: ConvertOptions) -> dict:
 def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None) -> Path | dict:
     """Convert the checkpoint at `src` (folder or Hub id) into a new folder `dst`; returns `dst`
     (or, with `dry_run`, the plan summary, writing nothing)."""
+    from . import distributed
+
     opts = opts or ConvertOptions()
     if opts.dry_run:
         return plan_conversion(src, opts)
@@ -147,19 +150,25 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None
 
         if not torch.cuda.is_available():
             raise StepquantError("--device cuda: no CUDA device is visible to torch")
+        if (opts.calib_device or opts.device) == "cuda" and torch.cuda.device_count() < opts.gpus:
+            raise StepquantError(f"--gpus {opts.gpus}: only {torch.cuda.device_count()} CUDA devices are visible")
+    if opts.gpus < 1:
+        raise StepquantError(f"--gpus {opts.gpus}: expected 1 or more")
+    rank = distributed.current()
+    if opts.gpus > 1 and rank is None:
+        return distributed.launch(opts.gpus, convert, src, dst, opts)
+    if rank is not None and rank.rank > 0:
+        return _calibrate_share(src, dst, opts)
     started = time.time()
     max_shard = parse_size(opts.max_shard_size)
     with open_checkpoint(src, opts.revision, opts.allow_pickle) as ckpt:
         prep = prepare(ckpt, opts)
         acts = None
-        timings = {}
-        needs_calib = prep.plan.kv_layers or any(
-            u.fmt_out is not None and u.fmt_out.calibrated for u in [*prep.plan.linears, *prep.plan.experts]
-        )
+        timings: dict = {"processes": rank.world if rank else 1}
         fingerprint = _fingerprint(ckpt, opts, prep)
         # DST.partial and its lock first: a second run on DST is refused before it calibrates
         with OutputDir(dst, fingerprint, resume=opts.resume, overwrite=opts.overwrite) as out:
-            if needs_calib:  # deterministic, so a resumed run recalibrates to the same scales
+            if _needs_calibration(prep):  # deterministic, so a resumed run recalibrates to the same scales
                 t0 = time.time()
                 acts = _calibrate(ckpt, prep, opts, out.scratch("calibration"))
                 timings["calibration_seconds"] = round(time.time() - t0, 3)
@@ -185,28 +194,56 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None
             return out.commit()
 
 
+def _needs_calibration(prep: Prepared) -> bool:
+    units = [*prep.plan.linears, *prep.plan.experts]
+    return bool(prep.plan.kv_layers) or any(u.fmt_out is not None and u.fmt_out.calibrated for u in units)
+
+
+def _calibrate_share(src: str | Path, dst: str | Path, opts: ConvertOptions) -> None:
+    """A rank other than 0: calibrate its share of the batches beside rank 0 (which writes DST)."""
+    from .shards import SCRATCH
+
+    with open_checkpoint(src, opts.revision, opts.allow_pickle) as ckpt:
+        prep = prepare(ckpt, opts)
+        if _needs_calibration(prep):
+            _calibrate(ckpt, prep, opts, Path(dst).with_name(Path(dst).name + ".partial") / SCRATCH / "calibration")
+
+
 def _calibrate(ckpt: Checkpoint, prep: Prepared, opts: ConvertOptions, state: Path | None = None) -> Activations:
     """Calibration statistics in canonical names, layer-streamed (resumable through `state`) or with the
-    whole model in memory: the same numbers either way."""
+    whole model in memory: the same numbers either way. Among several ranks, each calibrates its share of
+    the batches and all get the combined statistics."""
+    from . import distributed
     from .calibrate import calibrate, finite_weights, load_batches, load_model, to_canonical
 
     r = prep.recipe
     batches, described = load_batches(r.calib_data, ckpt.root, r.calib_samples, r.calib_seq_len, opts.trust_remote_code,
                                       opts.calib_seed)  # fmt: skip
-    device = opts.calib_device or opts.device
+    kind = opts.calib_device or opts.device
+    device, rank = kind, distributed.current()
+    if rank is not None:
+        distributed.init(rank, kind)
+        distributed.barrier()  # rank 0 has taken DST.partial
+        device = rank.device(kind)
+        state = state / f"rank{rank.rank}" if state is not None else None
+        if state is not None:
+            state.mkdir(parents=True, exist_ok=True)
+    mine = distributed.share(batches, rank)
     if opts.calib_mode == "model":
         model = load_model(ckpt.root, ckpt.config, device, opts.trust_remote_code)
         finite_weights(model, opts.allow_nonfinite)
-        stats = calibrate(model, batches, opts.calib_all_experts)
+        stats = calibrate(model, mine, opts.calib_all_experts)
     elif opts.calib_mode == "layers":
         from .layerwise import build_meta_model, calibrate_layers
 
         model = build_meta_model(ckpt.root, ckpt.config, trust_remote_code=opts.trust_remote_code)
         reader = Executor(ckpt, prep.plan, None, r.expert_input_scale)
-        stats = calibrate_layers(model, reader, batches, device, opts.calib_all_experts, state, opts.allow_nonfinite)
+        stats = calibrate_layers(model, reader, mine, device, opts.calib_all_experts, state, opts.allow_nonfinite)
     else:
         raise StepquantError(f"--calib-mode {opts.calib_mode!r}: expected 'layers' or 'model'")
     del model
+    if rank is not None:
+        stats = distributed.reduce_stats(stats, kind)
     acts = to_canonical(stats, prep.plan.family.memory_names)
     acts.source = described
     acts.samples = sum(b.shape[0] for b in batches)
@@ -357,7 +394,7 @@ def _fingerprint(ckpt: Checkpoint, opts: ConvertOptions, prep: Prepared) -> str:
         "version": __version__,
         "source": str(ckpt.root),
         "files": stats,
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("resume", "overwrite")},
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("resume", "overwrite", "gpus")},
         "outputs": sorted((n, dt, list(s)) for n, (dt, s, _) in prep.outputs.items()),
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -423,7 +460,7 @@ def _manifest(ckpt: Checkpoint, opts: ConvertOptions, prep: Prepared, acts: Acti
         "producer": {"name": "stepquant", "version": __version__},
         "command": "convert",
         "recipe": prep.recipe.as_dict(),
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("resume", "overwrite", "dry_run")},
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("resume", "overwrite", "dry_run", "gpus")},
         "source": {
             "id": ckpt.source,
             "revision": ckpt.revision,
@@ -439,6 +476,6 @@ def _manifest(ckpt: Checkpoint, opts: ConvertOptions, prep: Prepared, acts: Acti
         "warnings": prep.plan.warnings,
         "calibration": calib,
         "outputs": dict(sorted(files.items())),
-        # the only field that differs between two runs of the same conversion
+        # the only field that differs between two runs of the same conversion (with how many processes)
         "timings": timings,
     }

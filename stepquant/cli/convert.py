@@ -33,6 +33,8 @@ from ..shards import DEFAULT_MAX_SHARD
               help="Send every calibration token through every expert for statistics; only routed outputs flow on.")
 @click.option("--calib-mode", type=click.Choice(["layers", "model"]), default="layers", show_default=True,
               help="layers: one decoder layer in memory at a time (resumable per layer); model: the whole model. Same scales.")
+@click.option("--gpus", type=int, default=1, show_default=True,
+              help="Calibrate on N GPUs, one process each, a share of the batches each (byte-identical result).")
 @click.option("--expert-input-scale", type=click.Choice(["shared", "per-expert"]),
               help="One input_scale per projection for all experts of a layer, or one per expert.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
