@@ -40,7 +40,7 @@ def run_modelopt(root: Path) -> dict:
 
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM  # noqa: F401 - both tools start imported
 
     batches = [torch.tensor(b) for b in json.loads((root / "calib.json").read_text())["batches"]]
     torch.cuda.synchronize()
@@ -66,9 +66,43 @@ def run_modelopt(root: Path) -> dict:
             "peak_gpu_allocated": torch.cuda.max_memory_allocated(), "peak_gpu_reserved": torch.cuda.max_memory_reserved()}  # fmt: skip
 
 
+def _timers() -> dict[str, float]:
+    """Seconds spent in the main parts of a conversion (wrapping the library's functions)."""
+    from collections import defaultdict
+
+    import stepquant.calibrate as cal
+    import stepquant.convert as cv
+    import stepquant.layerwise as lw
+    import stepquant.quantize as q
+    import stepquant.shards as sh
+
+    spent: dict[str, float] = defaultdict(float)
+
+    def wrap(owner, name: str) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*a, **k):
+            t0 = time.time()
+            try:
+                return inner(*a, **k)
+            finally:
+                spent[name] += time.time() - t0
+
+        setattr(owner, name, timed)
+
+    for owner, name in ((cv, "open_checkpoint"), (cv, "prepare"), (cal, "load_batches"), (lw, "build_meta_model"),
+                        (lw.LayerLoader, "load"), (lw, "calibrate_layers"), (q.Executor, "quantize_experts"),
+                        (q.Executor, "quantize_linear"), (sh.OutputDir, "write_shards")):  # fmt: skip
+        wrap(owner, name)
+    return spent
+
+
 def run_stepquant(root: Path) -> dict:
+    from transformers import Qwen3MoeForCausalLM  # noqa: F401 - both tools start imported
+
     from stepquant.convert import ConvertOptions, convert
 
+    spent = _timers()
     t0 = time.time()
     out = convert(root / "bf16", root / "stepquant", ConvertOptions(
         to="nvfp4", scope="all-linear", kv_cache="fp8", moe_layout="per-expert", naming="keep",
@@ -77,7 +111,8 @@ def run_stepquant(root: Path) -> dict:
     timings = json.loads((out / "stepquant.json").read_text())["timings"]
     return {"wall_seconds": wall, "calibration_seconds": timings["calibration_seconds"],
             "quantize_write_seconds": wall - timings["calibration_seconds"],
-            "peak_gpu_allocated": torch.cuda.max_memory_allocated(), "peak_gpu_reserved": torch.cuda.max_memory_reserved()}  # fmt: skip
+            "peak_gpu_allocated": torch.cuda.max_memory_allocated(), "peak_gpu_reserved": torch.cuda.max_memory_reserved(),
+            "seconds_in": {k: round(v, 2) for k, v in spent.items()}}  # fmt: skip
 
 
 def compare(ours: Path, ref: Path) -> dict:
