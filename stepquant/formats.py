@@ -84,6 +84,11 @@ class Format:
     def quantize(self, w: torch.Tensor, amax: torch.Tensor) -> Parts:
         raise NotImplementedError
 
+    def amax_scales(self, amax: torch.Tensor) -> Parts:
+        """The scale tensors that follow from the weight amax alone (one per amax value): the writer
+        produces them without quantizing the weight."""
+        return {}
+
     def quantize_stacked(self, w: torch.Tensor, amax: torch.Tensor) -> Parts:
         """`quantize` of each `w[i]` with `amax[i]`, stacked (formats with a batched kernel override it)."""
         parts = [self.quantize(w[i], amax[i]) for i in range(w.shape[0])]
@@ -113,6 +118,9 @@ class FP8(Format):
 
     def specs(self, shape):
         return {"weight": ("F8_E4M3", tuple(shape)), "weight_scale": ("F32", ())}
+
+    def amax_scales(self, amax):
+        return {"weight_scale": _cpu_div(amax, E4M3_MAX)}
 
     def quantize(self, w, amax):
         scale = _cpu_scale(amax, E4M3_MAX)
@@ -182,6 +190,9 @@ class NVFP4(Format):
     def cannot_hold(self, shape):
         g = self.config.group_size
         return f"input dim {shape[-1]} is not a multiple of the group size {g}" if shape[-1] % g else None
+
+    def amax_scales(self, amax):
+        return {"weight_scale_2": _cpu_div(amax, E2M1_MAX * E4M3_MAX)}
 
     def quantize(self, w, amax):
         ws2 = _cpu_scale(amax, E2M1_MAX * E4M3_MAX)

@@ -92,6 +92,7 @@ class LayerLoader:
 
         self.model, self.executor, self.device, self.dtype = model, executor, device, dtype
         self.allow_nonfinite = allow_nonfinite
+        self.weight_amax: dict[str, dict[str, torch.Tensor]] = {}  # layer -> projection -> [E], as read
         self.plan: Plan = executor.plan
         self.mapping = get_model_conversion_mapping(model)
         self.names = {m: n for n, m in model.named_modules()}
@@ -165,6 +166,13 @@ class LayerLoader:
             down[e].copy_(read(ex, "down", e, check=False), non_blocking=True)
         module.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
         module.down_proj = torch.nn.Parameter(down, requires_grad=False)
+        # the writer's weight_scale_2 / weight_scale follow from these: measured here, they need no second read
+        inf = float("inf")
+        self.weight_amax[ex.layer] = {
+            "gate": torch.linalg.vector_norm(gate_up[:, :inter], inf, dim=(1, 2)).float().cpu(),
+            "up": torch.linalg.vector_norm(gate_up[:, inter:], inf, dim=(1, 2)).float().cpu(),
+            "down": torch.linalg.vector_norm(down, inf, dim=(1, 2)).float().cpu(),
+        }
 
     def _init_buffers(self, module: torch.nn.Module) -> None:
         """Non-persistent buffers (rotary frequencies) are not in any checkpoint: transformers computes them."""
@@ -348,6 +356,7 @@ def calibrate_layers(model: torch.nn.Module, executor: Executor, batches: list[t
                 os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
         _final_norm(model, dec, loader, stats, hidden, dev)
+    stats.weight_amax = loader.weight_amax
     return stats.cpu()
 
 

@@ -47,6 +47,8 @@ class Activations:
         self.source = ""
         self.samples = 0
         self.tokens = 0
+        # layer -> projection -> [E] weight amax per expert, when calibration has read the experts anyway
+        self.weight_amax: dict[str, dict[str, torch.Tensor]] = {}
 
 
 class Executor:
@@ -59,6 +61,8 @@ class Executor:
         self.per_expert_scales = expert_input_scale == "per-expert"
         self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
         self._readers: Counter[tuple] = Counter()  # cache key -> output readers still to come
+        self._expert_amax: dict[tuple[str, str], torch.Tensor] = {}  # (layer, projection) -> [E] weight amax
+        self._scales: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (layer, projection) -> scalar scales
         self._amax: dict[str, torch.Tensor] = {}
         self.by_module = {lin.module: lin for lin in plan.linears}
         self._staged: dict[int, torch.Tensor] = {}
@@ -173,18 +177,14 @@ class Executor:
             out["input_scale"] = fmt.input_scale(self._input_amax([g.module for g in self._group(lin)]))
         return _checked(out, lin.module)
 
-    def quantize_experts(self, ex: Experts, key: str) -> dict[str, torch.Tensor]:
-        """All experts of one projection, quantized. Gate and up share a global scale per expert, so
-        they are quantized together (each read once) and the partner's result goes into the cache.
-        Experts go in batches of ~BATCH_BYTES: read by a thread pool while the previous batch is
-        quantized (one stacked kernel call on the GPU)."""
-        fmt = ex.fmt_out
-        keys = ("gate", "up") if key in ("gate", "up") and fmt.quant_algo else (key,)
+    def _expert_batches(self, ex: Experts, keys: tuple[str, ...]) -> Iterator[tuple[range, dict[str, torch.Tensor], torch.Tensor]]:
+        """The experts of `keys` in batches of ~BATCH_BYTES on the device, read by a thread pool while the
+        previous batch is used; with each batch the per-expert amax shared by `keys` (gate and up of one
+        expert share it, fused in memory). Finite weights only."""
         per_expert = 2 * max(math.prod(ex.shapes[k]) for k in keys)
         size = max(1, BATCH_BYTES // per_expert)
         batches = [range(s, min(s + size, ex.num)) for s in range(0, ex.num, size)]
-
-        direct = self._direct(ex, keys)
+        direct = ex.fmt_out is not None and self._direct(ex, keys)
 
         def load(batch: range, slot: int) -> dict[str, torch.Tensor]:
             if not direct:
@@ -195,12 +195,11 @@ class Executor:
             list(_READERS.map(lambda job: self._read_expert_into(ex, *job), jobs))
             return bufs
 
-        out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
         with ThreadPoolExecutor(1) as prefetch:
             pending = prefetch.submit(load, batches[0], 0)
             for i, batch in enumerate(batches):
                 # from pinned memory an asynchronous copy; the amax below waits for it, and batch i is
-                # quantized before batch i + 2 is read into its slot
+                # used before batch i + 2 is read into its slot
                 ws = {k: w.to(self.device, non_blocking=True) for k, w in pending.result().items()}
                 if i + 1 < len(batches):
                     pending = prefetch.submit(load, batches[i + 1], (i + 1) % 2)
@@ -209,13 +208,28 @@ class Executor:
                     if not torch.isfinite(a).all():
                         e = batch[int((~torch.isfinite(a)).nonzero()[0])]
                         raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {k}")
-                shared = torch.stack(list(amax.values())).amax(0)  # gate/up of one expert share (fused in memory)
-                for k, w in ws.items():
-                    for s, t in fmt.quantize_stacked(w, shared).items():  # into one host tensor per suffix
-                        if s not in out[k]:
-                            out[k][s] = torch.empty((ex.num, *t.shape[1:]), dtype=t.dtype)
-                        out[k][s][batch.start : batch.stop].copy_(t)
+                yield batch, ws, torch.stack(list(amax.values())).amax(0)
+
+    def _pair(self, ex: Experts, key: str) -> tuple[str, ...]:
+        """Gate and up share a global scale per expert, so they are quantized together."""
+        return ("gate", "up") if key in ("gate", "up") and ex.fmt_out.quant_algo else (key,)
+
+    def quantize_experts(self, ex: Experts, key: str) -> dict[str, torch.Tensor]:
+        """All experts of one projection, quantized (one stacked kernel call per batch on the GPU). The
+        partner's result (gate for up, up for gate) goes into the cache, as both are read once."""
+        fmt = ex.fmt_out
+        keys = self._pair(ex, key)
+        out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
+        shared_all = torch.empty(ex.num, dtype=torch.float32)
+        for batch, ws, shared in self._expert_batches(ex, keys):
+            shared_all[batch.start : batch.stop] = shared
+            for k, w in ws.items():
+                for s, t in fmt.quantize_stacked(w, shared).items():  # into one host tensor per suffix
+                    if s not in out[k]:
+                        out[k][s] = torch.empty((ex.num, *t.shape[1:]), dtype=t.dtype)
+                    out[k][s][batch.start : batch.stop].copy_(t)
         for k in keys:
+            self._expert_amax[(ex.layer, k)] = shared_all
             if fmt.calibrated:
                 out[k]["input_scale"] = self.expert_input_scales(ex, k, fmt)
             _checked(out[k], f"{ex.layer} experts {k}")
@@ -223,6 +237,33 @@ class Executor:
             if k != key:
                 self._cached(("ex", ex.layer, k), lambda k=k: out[k])
         return out[key]
+
+    def expert_amax(self, ex: Experts, key: str) -> torch.Tensor:
+        """[E] amax per expert that `key`'s scales follow from (shared by gate and up); a read pass without
+        quantizing when no quantization has recorded it yet."""
+        if (ex.layer, key) not in self._expert_amax:
+            keys = self._pair(ex, key)
+            seen = self.acts.weight_amax.get(ex.layer, {}) if self.acts else {}
+            if all(k in seen for k in keys):  # calibration measured them on its way
+                shared_all = torch.stack([seen[k].float().cpu() for k in keys]).amax(0)
+            else:
+                shared_all = torch.empty(ex.num, dtype=torch.float32)
+                for batch, _, shared in self._expert_batches(ex, keys):
+                    shared_all[batch.start : batch.stop] = shared
+            for k in keys:
+                self._expert_amax[(ex.layer, k)] = shared_all
+        return self._expert_amax[(ex.layer, key)]
+
+    def _expert_scales(self, ex: Experts, key: str) -> dict[str, torch.Tensor]:
+        """The per-expert scalar scales of `key` that need no quantized weight: input_scale (calibration)
+        and the format's amax scales, checked like every scale."""
+        if (ex.layer, key) not in self._scales:
+            fmt = ex.fmt_out
+            out = dict(fmt.amax_scales(self.expert_amax(ex, key))) if fmt.amax_scales(torch.zeros(1)) else {}
+            if fmt.calibrated:
+                out["input_scale"] = self.expert_input_scales(ex, key, fmt)
+            self._scales[(ex.layer, key)] = _checked(out, f"{ex.layer} experts {key}")
+        return self._scales[(ex.layer, key)]
 
     def expert_input_scales(self, ex: Experts, key: str, fmt: Format) -> torch.Tensor:
         store = (self.acts.experts_mid if key == "down" else self.acts.experts_in) if self.acts else {}
@@ -327,9 +368,17 @@ class Executor:
         return t.dtype, tuple(shape)
 
     def _expert_chunks(self, ex: Experts, key: str, suffix: str, experts) -> Callable[[], Iterator[bytes]]:
-        cache_key = self._reader(("ex", ex.layer, key)) if ex.fmt_out is not None else None
+        # the writer puts 4-byte tensors first in a shard: the scalar scales of every layer in it come long
+        # before the quantized weights, so they are made without quantizing (nothing big is held meanwhile)
+        small = ex.fmt_out is not None and (suffix == "input_scale" or suffix in ex.fmt_out.amax_scales(torch.zeros(1)))
+        cache_key = self._reader(("ex", ex.layer, key)) if ex.fmt_out is not None and not small else None
 
         def chunks() -> Iterator[bytes]:
+            if small:
+                values = self._expert_scales(ex, key)[suffix]
+                for e in experts:
+                    yield _bytes(values[e])
+                return
             if cache_key is not None:
                 full = self._cached(cache_key, lambda: self.quantize_experts(ex, key))[suffix]
                 for e in experts:

@@ -132,3 +132,12 @@ def test_convert_streamed_equals_in_memory(demo_ckpt, tmp_path):
     assert ma == mb
     da.pop("stepquant.json"), db.pop("stepquant.json")
     assert da == db and not (a / ".stepquant-work").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_same_statistics_as_in_memory_on_cuda(demo_ckpt):
+    ckpt, reader, batches = _setup(demo_ckpt)
+    with ckpt:
+        whole = calibrate(load_model(ckpt.root, ckpt.config, "cuda"), batches, True)
+        streamed = calibrate_layers(build_meta_model(ckpt.root, ckpt.config), reader, batches, "cuda", all_experts=True)
+    _stats_equal(whole, streamed)
