@@ -29,6 +29,8 @@ class CalibStats:
     experts_in: dict[str, torch.Tensor] = field(default_factory=dict)  # experts module -> [E] gate_up input amax
     experts_mid: dict[str, torch.Tensor] = field(default_factory=dict)  # experts module -> [E] down input amax
     expert_tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # experts module -> [E] token counts
+    # experts module -> [E] tokens each expert's statistics saw in the --calib-all-experts pass
+    expert_seen: dict[str, torch.Tensor] = field(default_factory=dict)
     k: dict[str, torch.Tensor] = field(default_factory=dict)  # attention module -> K amax
     v: dict[str, torch.Tensor] = field(default_factory=dict)
     batches: int = 0
@@ -38,7 +40,7 @@ class CalibStats:
 
     def cpu(self) -> CalibStats:
         """The statistics moved to host memory (they are gathered on the forward's device, without syncs)."""
-        for f in ("linear", "experts_in", "experts_mid", "expert_tokens", "k", "v"):
+        for f in ("linear", "experts_in", "experts_mid", "expert_tokens", "expert_seen", "k", "v"):
             setattr(self, f, {k: v.cpu() for k, v in getattr(self, f).items()})
         return self
 
@@ -135,8 +137,8 @@ def _recording(model: torch.nn.Module, stats: CalibStats, all_experts: bool = Fa
                     raise StepquantError(f"{name}: cannot tell which expert a projection belongs to")
                 state[1] = e
                 _vec_update(stats.experts_in, name, n, e, _amax(input))
-                if not state[2]:  # routed tokens only
-                    _vec_add(stats.expert_tokens, name, n, e, input.reshape(-1, input.shape[-1]).shape[0])
+                rows = input.reshape(-1, input.shape[-1]).shape[0]
+                _vec_add(stats.expert_seen if state[2] else stats.expert_tokens, name, n, e, rows)
             else:
                 _vec_update(stats.experts_mid, name, n, state[1], _amax(input))
             state[0] = not state[0]
@@ -429,6 +431,7 @@ def to_canonical(stats: CalibStats, memory_names: tuple[tuple[str, str], ...]):
     acts.experts_in = {layer(n): v for n, v in stats.experts_in.items()}
     acts.experts_mid = {layer(n): v for n, v in stats.experts_mid.items()}
     acts.expert_tokens = {layer(n): v for n, v in stats.expert_tokens.items()}
+    acts.expert_seen = {layer(n): v for n, v in stats.expert_seen.items()}
     acts.k = {canon(n): v for n, v in stats.k.items()}
     acts.v = {canon(n): v for n, v in stats.v.items()}
     acts.tokens = stats.tokens

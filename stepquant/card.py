@@ -170,7 +170,8 @@ def _calibration_section(c: CardInputs) -> list[str]:
         n_empty = sum(len(v) for v in empty.values())
         total = sum(len(v) for v in counted.values())
         every = (c.manifest.get("options") or {}).get("calib_all_experts")
-        rest = ("every token also went through every expert for the statistics (`--calib-all-experts`)" if every
+        rest = (f"every one of the {cal['tokens']} tokens also went through every expert for the statistics"
+                " (`--calib-all-experts`)" if every
                 else f"the other {n_empty} use their layer's largest activation scale")  # fmt: skip
         lines.append(f"{total - n_empty} of {total} routed experts were routed calibration tokens"
                      + (f"; {rest}." if n_empty or every else "."))  # fmt: skip

@@ -456,6 +456,8 @@ def _manifest(ckpt: Checkpoint, opts: ConvertOptions, prep: Prepared, acts: Acti
             "experts_without_tokens": {k: [i for i, n in enumerate(v.tolist()) if n == 0]
                                        for k, v in sorted(acts.expert_tokens.items()) if (v == 0).any()},
         }  # fmt: skip
+        if acts.expert_seen:  # --calib-all-experts: what each expert's statistics saw besides its routed tokens
+            calib["expert_statistics_tokens"] = {k: v.tolist() for k, v in sorted(acts.expert_seen.items())}
     return {
         "producer": {"name": "stepquant", "version": __version__},
         "command": "convert",

@@ -24,7 +24,7 @@ from .calibrate import CalibStats
 from .errors import StepquantError
 
 FLOAT_FIELDS = ("linear", "experts_in", "experts_mid", "k", "v")  # reduced with max
-COUNT_FIELDS = ("expert_tokens",)  # reduced with sum
+COUNT_FIELDS = ("expert_tokens", "expert_seen")  # reduced with sum
 ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
 
 
@@ -114,11 +114,26 @@ def _free_port() -> int:
 def _worker(rank: int, env: dict[str, str], target: Callable, args: tuple) -> None:
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank), TQDM_DISABLE="1")
     logging.getLogger("stepquant").setLevel(logging.ERROR)  # rank 0 says it once
+    code = 0
     try:
         target(*args)
     except StepquantError as exc:
         print(f"error: rank {rank}: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
+    except BaseException:  # noqa: BLE001 - reported, and the exit code tells rank 0
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # no interpreter shutdown: the communication library's destructors could abort a finished worker
+        os._exit(code)
 
 
 def launch(n: int, target: Callable, *args: object) -> object:

@@ -40,7 +40,7 @@ from .plan import Plan
 from .quantize import Executor
 
 log = logging.getLogger("stepquant")
-STATS_FIELDS = ("linear", "experts_in", "experts_mid", "expert_tokens", "k", "v")
+STATS_FIELDS = ("linear", "experts_in", "experts_mid", "expert_tokens", "expert_seen", "k", "v")
 # A layer's hidden states are saved for --resume when at least SAVE_SECONDS have passed since the last save
 # (or the start) and at least SAVE_RATIO times what that save took (so saving costs at most about
 # 1/SAVE_RATIO of the calibration time; a short calibration is simply run again).
@@ -267,7 +267,7 @@ class LayerState:
         stats = CalibStats()
         for f in STATS_FIELDS:
             dtypes = meta["stat_dtypes"][f]
-            setattr(stats, f, {k: torch.tensor(v, dtype=getattr(torch, dtypes[k]), device="cpu" if f == "expert_tokens" else device)
+            setattr(stats, f, {k: torch.tensor(v, dtype=getattr(torch, dtypes[k]), device="cpu" if f in ("expert_tokens", "expert_seen") else device)
                                for k, v in meta["stats"][f].items()})  # fmt: skip
         stats.batches, stats.tokens = meta["counts"]
         dtype = getattr(torch, meta["dtype"])

@@ -41,7 +41,8 @@ class Activations:
         self.linear: dict[str, torch.Tensor] = {}
         self.experts_in: dict[str, torch.Tensor] = {}
         self.experts_mid: dict[str, torch.Tensor] = {}
-        self.expert_tokens: dict[str, torch.Tensor] = {}
+        self.expert_tokens: dict[str, torch.Tensor] = {}  # layer -> [E] routed calibration tokens
+        self.expert_seen: dict[str, torch.Tensor] = {}  # layer -> [E] tokens of the --calib-all-experts pass
         self.k: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
         self.source = ""

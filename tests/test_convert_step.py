@@ -105,6 +105,10 @@ def test_calib_all_experts_changes_only_expert_statistics(demo_ckpt, tmp_path, c
     assert not [r for r in caplog.records if "saw no calibration tokens" in r.getMessage()]
     m_routed, m_every = (json.loads((p / "stepquant.json").read_text()) for p in (routed, every))
     assert m_routed["calibration"]["expert_tokens"] == m_every["calibration"]["expert_tokens"]  # routed counts
+    # and what every expert's statistics saw: all the calibration tokens, in each layer
+    seen = m_every["calibration"]["expert_statistics_tokens"]
+    assert seen and all(n == m_every["calibration"]["tokens"] for v in seen.values() for n in v)
+    assert "expert_statistics_tokens" not in m_routed["calibration"]
     with open_checkpoint(routed) as a, open_checkpoint(every) as b:
         changed = {n for n in a.tensors if not torch.equal(a.read(n), b.read(n))}
         assert changed and all(n.endswith(".input_scale") and ".moe." in n for n in changed)
