@@ -184,12 +184,16 @@ def wrapped_attention(model: torch.nn.Module, before):
     every attention layer consumes (after k_norm and RoPE), through transformers' attention interface;
     the model's own attention implementation then runs on them."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     cfgs = [model.config] + [getattr(model.config, k) for k in ("text_config",) if getattr(model.config, k, None)]
     previous = [c._attn_implementation for c in cfgs]
     impl = previous[-1] or "sdpa"
     inner = ALL_ATTENTION_FUNCTIONS[impl] if impl != "eager" else None
+    # the masks the wrapped implementation needs: transformers builds none at all for an attention name it
+    # has no mask function for, which would silently drop sliding windows (and padding)
+    AttentionMaskInterface.register(ATTN_NAME, AttentionMaskInterface._global_mapping[impl])
 
     def attention(module, query, key, value, *args, **kwargs):
         key, value = before(module, key, value)

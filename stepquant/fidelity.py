@@ -55,17 +55,54 @@ def _decoder_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if re.search(r"(^|\.)layers\.\d+$", n) and "vision" not in n}
 
 
+class _Tally:
+    """Running sums of the fidelity metrics over batches."""
+
+    def __init__(self, layers) -> None:
+        self.kl_values: list[torch.Tensor] = []
+        self.top1, self.nll_r, self.nll_q, self.n = 0, 0.0, 0.0, 0
+        self.signal = dict.fromkeys(layers, 0.0)
+        self.noise = dict.fromkeys(layers, 0.0)
+
+    def layer(self, name: str, ref: torch.Tensor, quant: torch.Tensor) -> None:
+        self.signal[name] += float(ref.pow(2).sum())
+        self.noise[name] += float((quant - ref).pow(2).sum())
+
+    def logits(self, ref: torch.Tensor, q: torch.Tensor, ids: torch.Tensor) -> None:
+        """`ref`/`q`: fp32 logits of every position but the last."""
+        lr, lq = torch.log_softmax(ref, -1), torch.log_softmax(q, -1)
+        self.kl_values.append((lr.exp() * (lr - lq)).sum(-1).flatten().cpu())
+        self.top1 += int((ref.argmax(-1) == q.argmax(-1)).sum())
+        tgt = ids[:, 1:, None]
+        self.nll_r -= float(lr.gather(-1, tgt).sum())
+        self.nll_q -= float(lq.gather(-1, tgt).sum())
+        self.n += tgt.numel()
+
+    def result(self) -> dict:
+        kl, n = torch.cat(self.kl_values), self.n
+        return {
+            "tokens": n,
+            "kl": float(kl.mean()),
+            "top1": self.top1 / n,
+            "ppl": {"ref": math.exp(self.nll_r / n), "quant": math.exp(self.nll_q / n)},
+            "sqnr_db": {name: (10 * math.log10(self.signal[name] / self.noise[name]) if self.noise[name] > 0 else math.inf)
+                        for name in self.signal},  # fmt: skip
+            "kl_values": kl.tolist(),
+        }
+
+
+def _out(out) -> torch.Tensor:
+    return (out[0] if isinstance(out, tuple) else out).float()
+
+
 @torch.no_grad()
 def measure(qm: QuantizedModel, batches: list[torch.Tensor], mode: str, device: str) -> dict:
     """KL, top-1 agreement, perplexities, per-layer SQNR and the per-position KL values."""
     model = qm.model
     layers = _decoder_layers(model)
     captured: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: captured.__setitem__(n, (out[0] if isinstance(out, tuple) else out).float()))
-             for n, m in layers.items()]  # fmt: skip
-    kl_values, top1, nll_r, nll_q, n = [], 0, 0.0, 0.0, 0
-    signal = dict.fromkeys(layers, 0.0)
-    noise = dict.fromkeys(layers, 0.0)
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: captured.__setitem__(n, _out(out))) for n, m in layers.items()]
+    tally = _Tally(layers)
     try:
         for ids in batches:
             ids = ids.to(device)
@@ -74,24 +111,59 @@ def measure(qm: QuantizedModel, batches: list[torch.Tensor], mode: str, device: 
             with qm.quantized(mode):
                 q = model(input_ids=ids).logits.float()[:, :-1]
             for name in layers:
-                signal[name] += float(ref_layers[name].pow(2).sum())
-                noise[name] += float((captured[name] - ref_layers[name]).pow(2).sum())
-            lr, lq = torch.log_softmax(ref, -1), torch.log_softmax(q, -1)
-            kl_values.append((lr.exp() * (lr - lq)).sum(-1).flatten().cpu())
-            top1 += int((ref.argmax(-1) == q.argmax(-1)).sum())
-            tgt = ids[:, 1:, None]
-            nll_r -= float(lr.gather(-1, tgt).sum())
-            nll_q -= float(lq.gather(-1, tgt).sum())
-            n += tgt.numel()
+                tally.layer(name, ref_layers[name], captured[name])
+            tally.logits(ref, q, ids)
     finally:
         for h in hooks:
             h.remove()
-    kl = torch.cat(kl_values)
-    return {
-        "tokens": n,
-        "kl": float(kl.mean()),
-        "top1": top1 / n,
-        "ppl": {"ref": math.exp(nll_r / n), "quant": math.exp(nll_q / n)},
-        "sqnr_db": {name: (10 * math.log10(signal[name] / noise[name]) if noise[name] > 0 else math.inf) for name in layers},
-        "kl_values": kl.tolist(),
-    }
+    return tally.result()
+
+
+@torch.no_grad()
+def measure_layers(qm: QuantizedModel, reader, batches: list[torch.Tensor], mode: str, device: str) -> dict:
+    """`measure`, one decoder layer in memory at a time (models that do not fit): `qm.model` is built on
+    the meta device; each layer gets the reference's weights from `reader` (an Executor over the source)
+    and the checkpoint's quantized weights, and both the reference's and the quantized hidden states go
+    through it. The same numbers as `measure`."""
+    from .layerwise import LayerLoader, _decoder, _release, layer_inputs
+
+    model, dev = qm.model, torch.device(device)
+    dec, _, layers = _decoder(model)
+    loader = LayerLoader(model, reader, dev, next(model.parameters()).dtype)
+    names = {m: n for n, m in _decoder_layers(model).items()}
+    calls, h_ref = layer_inputs(model, loader, batches, dev)
+    h_q = [h.clone() for h in h_ref]
+    tally = _Tally(names.values())
+
+    def with_units(module: torch.nn.Module) -> None:
+        qm.linears, qm.experts, _ = qm.attacher.units(module.named_modules(prefix=loader.names[module]))
+
+    for i, layer in enumerate(layers):
+        loader.load(layer)
+        with_units(layer)
+        for b, ids in enumerate(batches):
+            args, kwargs = calls[tuple(ids.shape)][i]
+            ref = layer(h_ref[b], *args, **kwargs)
+            with qm.quantized(mode):
+                q = layer(h_q[b], *args, **kwargs)
+            h_ref[b], h_q[b] = (out[0] if isinstance(out, tuple) else out for out in (ref, q))
+            tally.layer(names[layer], _out(ref), _out(q))
+        qm.linears, qm.experts = {}, {}
+        _release(layer)
+    head = model.get_output_embeddings()
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):  # lm_head is the embedding
+        loader.load(dec.embed_tokens)
+        head.weight = dec.embed_tokens.weight
+    else:
+        loader.load(head)
+    loader.load(dec.norm)
+    with_units(head)
+    for b, ids in enumerate(batches):
+        ref = head(dec.norm(h_ref[b])).float()[:, :-1]
+        with qm.quantized(mode):
+            q = head(dec.norm(h_q[b])).float()[:, :-1]
+        tally.logits(ref, q, ids.to(dev))
+    qm.linears, qm.experts = {}, {}
+    for m in (dec.norm, head, dec.embed_tokens):
+        _release(m)
+    return tally.result()

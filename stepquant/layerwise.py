@@ -212,6 +212,34 @@ def _recorders(layers: torch.nn.ModuleList, sink: list):
             del layer.forward
 
 
+@torch.no_grad()
+def layer_inputs(model: torch.nn.Module, loader: LayerLoader, batches: list[torch.Tensor], dev: torch.device
+                 ) -> tuple[dict[tuple[int, ...], list[tuple[tuple, dict]]], list[torch.Tensor]]:  # fmt: skip
+    """The decoder stack's own forward with recorders for layers: per batch shape, the arguments each
+    layer gets (masks, position embeddings); and every batch's embeddings, layer 0's input. The
+    embeddings and rotary modules are loaded for it and the embeddings released after."""
+    dec, _, layers = _decoder(model)
+    loader.load(dec.embed_tokens)
+    for name, m in dec.named_children():
+        if name not in ("layers", "embed_tokens", "norm"):
+            loader.load(m)  # rotary embeddings: buffers only
+    calls: dict[tuple[int, ...], list[tuple[tuple, dict]]] = {}
+    hidden: list[torch.Tensor] = []
+    for ids in batches:
+        sink: list = []
+        with _recorders(layers, sink):
+            try:
+                dec(input_ids=ids.to(dev), use_cache=False)
+            except _Stop:
+                pass
+        if len(sink) != len(layers):
+            raise StepquantError(f"{type(dec).__name__}: its forward did not call every layer once")
+        hidden.append(sink[0][0])
+        calls.setdefault(tuple(ids.shape), [(args, kwargs) for _, args, kwargs in sink])
+    _release(dec.embed_tokens)
+    return calls, hidden
+
+
 def _batches_digest(batches: list[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for b in batches:
@@ -302,25 +330,7 @@ def calibrate_layers(model: torch.nn.Module, executor: Executor, batches: list[t
     start = saver.latest() if saver else None
     stats = CalibStats()
     with torch.no_grad(), _recording(model, stats, all_experts):
-        # the arguments each layer gets, per batch shape; and the embeddings
-        loader.load(dec.embed_tokens)
-        rotary = [m for n, m in dec.named_children() if n not in ("layers", "embed_tokens", "norm")]
-        for m in rotary:
-            loader.load(m)
-        calls: dict[tuple[int, ...], list[tuple[tuple, dict]]] = {}
-        hidden: list[torch.Tensor] = []
-        for ids in batches:
-            sink: list = []
-            with _recorders(layers, sink):
-                try:
-                    dec(input_ids=ids.to(dev), use_cache=False)
-                except _Stop:
-                    pass
-            if len(sink) != len(layers):
-                raise StepquantError(f"{type(dec).__name__}: its forward did not call every layer once")
-            hidden.append(sink[0][0])
-            calls.setdefault(tuple(ids.shape), [(args, kwargs) for _, args, kwargs in sink])
-        _release(dec.embed_tokens)
+        calls, hidden = layer_inputs(model, loader, batches, dev)
         if start is not None:
             stats_loaded, hidden = saver.load(start, dev)
             for f in STATS_FIELDS:

@@ -100,6 +100,7 @@ class QuantizedModel:
         self.experts = experts
         self.units = units
         self.kv = kv or {}  # attention module -> (k_scale, v_scale) of an FP8 KV cache
+        self.attacher: Attacher | None = None
 
     def lookup(self, weight: torch.Tensor) -> QWeight | None:
         q = self.linears.get(id(weight))
@@ -145,43 +146,65 @@ def fp8_kv(t: torch.Tensor, scale: float) -> torch.Tensor:
     return (q.float() * scale).to(t.dtype)
 
 
-def attach(model: torch.nn.Module, ckpt: Checkpoint, ref: Checkpoint, memory_names, device: str) -> QuantizedModel:
-    """Register every quantized unit of `ckpt` against `model` (loaded from `ref`)."""
-    from .check import _lint_plan
+class Attacher:
+    """Builds the quantized weights of `ckpt` for the transformers modules it replaces, keyed by the
+    parameters they stand for (so for one decoder layer at a time, too, once its parameters are real)."""
 
-    plan, _, _ = _lint_plan(ckpt)
-    _same_unquantized(ckpt, plan, ref)
-    ex = Executor(ckpt, plan, None, "shared")
-    lin_by_module = {lin.module: lin for lin in plan.linears if lin.fmt_in.quant_algo}
-    exp_by_layer = {e.layer: e for e in plan.experts if e.fmt_in.quant_algo}
-    linears: dict[int, QWeight] = {}
-    experts: dict[int, list[QWeight]] = {}
-    found = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and canonical_module(name, memory_names) in lin_by_module:
-            lin = lin_by_module[canonical_module(name, memory_names)]
-            parts = {s: ckpt.read(n) for s, n in lin.parts.items()}
-            linears[id(module.weight)] = QWeight(lin.fmt_in.name, parts).to(device)
-            found += 1
-        elif _is_fused_experts(module):
-            unit = exp_by_layer.get(canonical_layer(name, memory_names))
-            if unit is None:
-                continue
-            gu, dn = [], []
-            for e in range(unit.num):
-                g = {s: ex.expert_part(unit, "gate", e, s) for s in unit.parts["gate"][e]}
-                u = {s: ex.expert_part(unit, "up", e, s) for s in unit.parts["up"][e]}
-                fused = {s: (torch.cat([g[s], u[s]]) if g[s].dim() else torch.maximum(g[s], u[s])) for s in g}
-                gu.append(QWeight(unit.fmt_in.name, fused).to(device))
-                d = {s: ex.expert_part(unit, "down", e, s) for s in unit.parts["down"][e]}
-                dn.append(QWeight(unit.fmt_in.name, d).to(device))
-            experts[id(module.gate_up_proj)] = gu
-            experts[id(module.down_proj)] = dn
-            found += 1
-    wanted = len(lin_by_module) + len(exp_by_layer)
-    if found != wanted:
-        raise StepquantError(f"{ckpt.root}: {wanted - found} quantized module(s) have no counterpart in the transformers model")
-    return QuantizedModel(model, linears, experts, wanted, _kv_scales(model, ckpt, memory_names))
+    def __init__(self, ckpt: Checkpoint, memory_names, device: str) -> None:
+        from .check import _lint_plan
+
+        self.ckpt, self.memory_names, self.device = ckpt, memory_names, device
+        self.plan, _, _ = _lint_plan(ckpt)
+        self.ex = Executor(ckpt, self.plan, None, "shared")
+        self.lin_by_module = {lin.module: lin for lin in self.plan.linears if lin.fmt_in.quant_algo}
+        self.exp_by_layer = {e.layer: e for e in self.plan.experts if e.fmt_in.quant_algo}
+
+    @property
+    def wanted(self) -> int:
+        return len(self.lin_by_module) + len(self.exp_by_layer)
+
+    def units(self, modules) -> tuple[dict[int, QWeight], dict[int, list[QWeight]], int]:
+        """(linears, experts, how many units) for the (name, module) pairs given."""
+        ckpt, ex, names = self.ckpt, self.ex, self.memory_names
+        linears: dict[int, QWeight] = {}
+        experts: dict[int, list[QWeight]] = {}
+        found = 0
+        for name, module in modules:
+            if isinstance(module, torch.nn.Linear) and canonical_module(name, names) in self.lin_by_module:
+                lin = self.lin_by_module[canonical_module(name, names)]
+                parts = {s: ckpt.read(n) for s, n in lin.parts.items()}
+                linears[id(module.weight)] = QWeight(lin.fmt_in.name, parts).to(self.device)
+                found += 1
+            elif _is_fused_experts(module):
+                unit = self.exp_by_layer.get(canonical_layer(name, names))
+                if unit is None:
+                    continue
+                gu, dn = [], []
+                for e in range(unit.num):
+                    g = {s: ex.expert_part(unit, "gate", e, s) for s in unit.parts["gate"][e]}
+                    u = {s: ex.expert_part(unit, "up", e, s) for s in unit.parts["up"][e]}
+                    fused = {s: (torch.cat([g[s], u[s]]) if g[s].dim() else torch.maximum(g[s], u[s])) for s in g}
+                    gu.append(QWeight(unit.fmt_in.name, fused).to(self.device))
+                    d = {s: ex.expert_part(unit, "down", e, s) for s in unit.parts["down"][e]}
+                    dn.append(QWeight(unit.fmt_in.name, d).to(self.device))
+                experts[id(module.gate_up_proj)] = gu
+                experts[id(module.down_proj)] = dn
+                found += 1
+        return linears, experts, found
+
+
+def attach(model: torch.nn.Module, ckpt: Checkpoint, ref: Checkpoint, memory_names, device: str,
+           weights: bool = True) -> QuantizedModel:  # fmt: skip
+    """Register every quantized unit of `ckpt` against `model` (loaded from `ref`). `weights=False`:
+    only check and take the KV-cache scales; the units come layer by layer (`Attacher.units`)."""
+    attacher = Attacher(ckpt, memory_names, device)
+    _same_unquantized(ckpt, attacher.plan, ref)
+    linears, experts, found = attacher.units(model.named_modules()) if weights else ({}, {}, attacher.wanted)
+    if found != attacher.wanted:
+        raise StepquantError(f"{ckpt.root}: {attacher.wanted - found} quantized module(s) have no counterpart in the transformers model")
+    qm = QuantizedModel(model, linears, experts, attacher.wanted, _kv_scales(model, ckpt, memory_names))
+    qm.attacher = attacher
+    return qm
 
 
 def _kv_scales(model: torch.nn.Module, ckpt: Checkpoint, memory_names) -> dict[torch.nn.Module, tuple[float, float]]:

@@ -26,6 +26,7 @@ class VerifyOptions:
     device: str = "cpu"
     kv_cache: str = "auto"  # auto: FP8 KV cache emulated where the checkpoint has k/v scales; none: BF16 cache
     compute_dtype: str = "bfloat16"  # of the reference model; quantized Linears take BF16 inputs either way
+    layerwise: bool = False  # fidelity with one decoder layer in memory at a time (models that do not fit)
     eval_data: str | None = None  # None: the embedded calibration-free text
     eval_samples: int = 8
     eval_seq_len: int = 256
@@ -71,22 +72,36 @@ def _verify_here(dst, opts: VerifyOptions, echo) -> dict:
     """The checkpoint's quantized weights inside the reference model on this machine: fidelity, and
     GPQA when asked."""
     from .calibrate import load_model
-    from .fidelity import eval_batches, measure
+    from .fidelity import eval_batches, measure, measure_layers
     from .qmodel import attach
 
+    if opts.layerwise and opts.gpqa:
+        raise StepquantError("--layerwise measures fidelity only: GPQA generation needs the whole model (or --endpoint)")
     with open_checkpoint(dst) as ckpt, open_checkpoint(opts.ref) as ref:
         family = detect_family(ref.config) or GENERIC
-        model = load_model(ref.root, ref.config, opts.device, opts.trust_remote_code, opts.compute_dtype)
-        qm = attach(model, ckpt, ref, family.memory_names, opts.device)
+        if opts.layerwise:
+            from .check import _lint_plan
+            from .layerwise import build_meta_model
+            from .quantize import Executor
+
+            model = build_meta_model(ref.root, ref.config, opts.compute_dtype, opts.trust_remote_code)
+            reader = Executor(ref, _lint_plan(ref)[0], None, "shared")
+        else:
+            model = load_model(ref.root, ref.config, opts.device, opts.trust_remote_code, opts.compute_dtype)
+        qm = attach(model, ckpt, ref, family.memory_names, opts.device, weights=not opts.layerwise)
         if opts.kv_cache == "none":
             qm.kv = {}
         kv = f"FP8 KV cache in {len(qm.kv)} layer(s)" if qm.kv else "BF16 KV cache"
         echo(f"{ckpt.root.name}: {qm.units} quantized module(s) run as {opts.mode} on {opts.device}, {kv}")
         batches, corpus = eval_batches(opts.eval_data, ref.root, opts.eval_samples, opts.eval_seq_len)
-        fid = measure(qm, batches, opts.mode, opts.device)
+        if opts.layerwise:
+            fid = measure_layers(qm, reader, batches, opts.mode, opts.device)
+        else:
+            fid = measure(qm, batches, opts.mode, opts.device)
         report = {
             "producer": {"name": "stepquant", "version": __version__},
             "checkpoint": str(ckpt.root), "reference": str(ref.root), "mode": opts.mode, "device": opts.device,
+            "loading": "layerwise" if opts.layerwise else "whole model",
             "kv_cache": {"dtype": "fp8" if qm.kv else "bf16", "layers": len(qm.kv)},
             "corpus": corpus, "tokens": fid["tokens"], "kl": fid["kl"], "top1": fid["top1"], "ppl": fid["ppl"],
             "sqnr_db": fid["sqnr_db"], "kl_quantiles": _quantiles(fid["kl_values"]),

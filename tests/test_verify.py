@@ -130,3 +130,23 @@ def test_failing_recovery_exits_1(demo_ckpt, builds, tmp_path, monkeypatch):
 def test_bad_input_exits_2(demo_ckpt, tmp_path):
     proc = run_cli("verify", str(tmp_path / "nope"), "--ref", str(demo_ckpt))
     assert proc.returncode == 2 and proc.stderr.startswith("error:")
+
+
+@pytest.mark.parametrize("mode", ["w4a4", "w4a16"])
+def test_layerwise_fidelity_equals_whole_model(demo_ckpt, builds, mode):
+    """One decoder layer in memory at a time, the reference's and the quantized hidden states side by
+    side: the same KL, top-1, perplexities and per-layer SQNR as with the whole model loaded."""
+    common = dict(ref=str(demo_ckpt), mode=mode, eval_samples=2, eval_seq_len=32)
+    whole = verify(builds[0], VerifyOptions(**common))
+    layers = verify(builds[0], VerifyOptions(**common, layerwise=True))
+    assert layers.pop("loading") == "layerwise" and whole.pop("loading") == "whole model"
+    for key in ("kl", "top1", "ppl", "sqnr_db", "kl_quantiles", "tokens"):
+        assert layers[key] == whole[key], key
+    assert 0 < layers["kl"]
+
+
+def test_layerwise_refuses_gpqa(demo_ckpt, builds, tmp_path):
+    from stepquant.errors import StepquantError
+
+    with pytest.raises(StepquantError, match="--layerwise"):
+        verify(builds[0], VerifyOptions(ref=str(demo_ckpt), layerwise=True, gpqa=str(tmp_path / "x.csv")))

@@ -19,6 +19,8 @@ from ..verify import VerifyOptions, verify
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
               help="Dtype of the reference model around the quantized Linears (whose inputs are BF16 either way); "
                    "float32 keeps BF16 rounding elsewhere out of the comparison.")
+@click.option("--layerwise", is_flag=True,
+              help="Fidelity with one decoder layer in memory at a time, for models that do not fit (no GPQA).")
 @click.option("--eval-data", help="Fidelity corpus: a .txt/.jsonl file, token JSON or HF dataset id (default: embedded).")
 @click.option("--eval-samples", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--eval-seq-len", type=click.IntRange(2), default=256, show_default=True)
