@@ -120,11 +120,9 @@ def test_resume_skips_saved_layers(demo_ckpt, tmp_path, monkeypatch):
     assert layer_loads == [f"model.language_model.layers.{i}" for i in range(2, 4)]
 
 
-def test_convert_streamed_equals_in_memory(demo_ckpt, tmp_path):
-    """The whole conversion, byte for byte (the manifest differs only in the option that says which)."""
-    args = dict(recipe="step3p7-nvfp4-moe-only-kvfp8", calib_samples=6, calib_seq_len=48)
-    a = convert(demo_ckpt, tmp_path / "layers", ConvertOptions(**args, calib_mode="layers"))
-    b = convert(demo_ckpt, tmp_path / "model", ConvertOptions(**args, calib_mode="model"))
+def _both_modes(src, tmp_path, **args):
+    a = convert(src, tmp_path / "layers", ConvertOptions(**args, calib_mode="layers"))
+    b = convert(src, tmp_path / "model", ConvertOptions(**args, calib_mode="model"))
     da, db = digest(a), digest(b)
     ma, mb = (json.loads((p / "stepquant.json").read_text()) for p in (a, b))
     assert (ma["options"].pop("calib_mode"), mb["options"].pop("calib_mode")) == ("layers", "model")
@@ -132,6 +130,16 @@ def test_convert_streamed_equals_in_memory(demo_ckpt, tmp_path):
     assert ma == mb
     da.pop("stepquant.json"), db.pop("stepquant.json")
     assert da == db and not (a / ".stepquant-work").exists()
+
+
+def test_convert_streamed_equals_in_memory_step(demo_ckpt, tmp_path):
+    """The whole conversion, byte for byte (the manifest differs only in the option that says which)."""
+    _both_modes(demo_ckpt, tmp_path, recipe="step3p7-nvfp4-moe-only-kvfp8", calib_samples=6, calib_seq_len=48)
+
+
+def test_convert_streamed_equals_in_memory_qwen3moe(ref, tmp_path):
+    _both_modes(ref / "bf16", tmp_path, to="nvfp4", scope="all-linear", kv_cache="fp8", moe_layout="per-expert",
+                naming="keep", calib_data=str(ref / "calib_tokens.json"))  # fmt: skip
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
