@@ -8,7 +8,6 @@ Run: python benchmarks/multigpu.py WORKDIR [--layers 4] [--experts 96] [--sample
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -17,20 +16,8 @@ from pathlib import Path
 
 import torch
 
+from stepquant.convert import output_digest
 from stepquant.synthetic import StepShape, generate
-
-
-def digest(folder: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            if p.name == "stepquant.json":
-                m = json.loads(data)
-                m.pop("timings")
-                data = json.dumps(m, sort_keys=True).encode()
-            out[p.relative_to(folder).as_posix()] = hashlib.sha256(data).hexdigest()
-    return out
 
 
 def main() -> None:
@@ -63,7 +50,7 @@ def main() -> None:
             continue
         timings = json.loads((dst / "stepquant.json").read_text())["timings"]
         result[f"gpus{gpus}"] = {"wall_seconds": round(wall, 1), **timings}
-        outs[gpus] = digest(dst)
+        outs[gpus] = output_digest(dst)
     if len(outs) == 2:
         result["byte_identical"] = outs[1] == outs[2]
         result["files_compared"] = len(outs[1])

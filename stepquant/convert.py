@@ -435,6 +435,21 @@ def source_card(root: Path) -> dict:
     return {k: data[k] for k in CARRIED_METADATA if data.get(k)}
 
 
+def output_digest(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file below `folder`, the manifest without its timings (the one field in which two
+    runs of the same conversion differ): equal digests mean byte-identical results."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name == MANIFEST:
+                manifest = json.loads(data)
+                manifest.pop("timings", None)
+                data = json.dumps(manifest, sort_keys=True).encode()
+            out[p.relative_to(folder).as_posix()] = hashlib.sha256(data).hexdigest()
+    return out
+
+
 def _header_sha256(path: Path) -> str | None:
     if path.suffix != ".safetensors":
         return None

@@ -11,9 +11,9 @@ import torch
 
 from stepquant.calibrate import CalibStats
 from stepquant.convert import ConvertOptions, convert
+from stepquant.convert import output_digest as digest
 from stepquant.distributed import Rank, share
 
-from .reliability.test_faults import digest
 
 
 def test_shares_cover_every_batch_once():

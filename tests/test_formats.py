@@ -2,7 +2,6 @@ import pytest
 import torch
 
 import stepquant.formats as formats
-from stepquant.errors import StepquantError
 from stepquant.formats import FORMATS, detect_format, e2m1, pack_nibbles, unpack_nibbles
 
 

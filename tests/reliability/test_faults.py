@@ -5,7 +5,6 @@ untouched, no DST exists unless it is complete, and `--resume` gives a byte-iden
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from stepquant.convert import ConvertOptions, convert
+from stepquant.convert import output_digest as digest
 from stepquant.errors import StepquantError
 
 from ..conftest import run_cli
@@ -28,20 +28,6 @@ from .record import record
 TRIALS = 10  # per model: 20 random SIGKILLs in all
 NVFP4 = ("--recipe", "step3p7-nvfp4-moe-only-kvfp8", "--calib-samples", "4", "--calib-seq-len", "32", "--max-shard-size", "1MB")
 RENAME = ("--naming", "modelopt", "--max-shard-size", "600KB")
-
-
-def digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file of a folder (stepquant.json without its timings, the one field that differs)."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            if p.name == "stepquant.json":
-                m = json.loads(data)
-                m.pop("timings")
-                data = json.dumps(m, sort_keys=True).encode()
-            out[p.relative_to(folder).as_posix()] = hashlib.sha256(data).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
