@@ -37,6 +37,7 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []
         self.unauthorized: list[str] = []
         self._hold_after: int | None = None
+        self._arrived = 0  # LFS uploads begun since hold_after
         self._held = threading.Event()  # set while some upload waits
         self._release = threading.Event()
         self._lock = threading.Lock()
@@ -51,7 +52,9 @@ class FakeHub:
         self.server.server_close()
 
     def hold_after(self, n: int) -> None:
-        self._hold_after, self._held, self._release = n, threading.Event(), threading.Event()
+        """The uploads that begin after the first `n` hang until `release` (counted as they begin: the
+        client uploads in parallel, so counting finished ones could let every upload through)."""
+        self._hold_after, self._held, self._release, self._arrived = n, threading.Event(), threading.Event(), 0
 
     def wait_held(self, timeout: float) -> bool:
         return self._held.wait(timeout)
@@ -117,7 +120,8 @@ def _handler(hub: FakeHub):
             if not m:
                 return self._send(404, {"error": "no such upload"})
             with hub._lock:
-                hold = hub._hold_after is not None and len(hub.puts) >= hub._hold_after
+                hub._arrived += 1
+                hold = hub._hold_after is not None and hub._arrived > hub._hold_after
             if hold:
                 hub._held.set()
                 hub._release.wait(60)
