@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import StepquantError
+from .quantize import Activations, all_finite
 
 ATTN_NAME = "stepquant_calib"
 
@@ -91,13 +92,6 @@ def finite_weights(module: torch.nn.Module, allow: bool, prefix: str = "") -> No
                 raise StepquantError(f"{name}: NaN or Inf in the source weights (--allow-nonfinite keeps such modules unquantized)")
             with torch.no_grad():
                 p.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
-    """Whether every value is finite, in slices: `torch.isfinite` of a whole tensor makes several
-    temporaries its size (a 2 GB expert parameter would cost ~5 GB more)."""
-    flat = t.detach().reshape(-1)
-    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def _is_fused_experts(module: torch.nn.Module) -> bool:
@@ -422,7 +416,6 @@ def canonical_layer(name: str, memory_names: tuple[tuple[str, str], ...]) -> str
 
 def to_canonical(stats: CalibStats, memory_names: tuple[tuple[str, str], ...]):
     """Map in-memory module names to canonical checkpoint names (experts keyed by their layer prefix)."""
-    from .quantize import Activations
 
     def canon(name: str) -> str:
         return canonical_module(name, memory_names)

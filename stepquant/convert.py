@@ -21,7 +21,7 @@ from .families import GENERIC, detect_family
 from .formats import get_format
 from .naming import PrefixMap, builtin_map, canonical_names, load_user_map, rename_all
 from .plan import Linear, Plan, build_plan
-from .quantize import Activations, Executor
+from .quantize import Activations, Executor, all_finite
 from .recipes import Recipe, load_recipe
 from .shards import DEFAULT_MAX_SHARD, OutputDir, OutTensor, parse_size
 
@@ -116,16 +116,14 @@ def prepare(ckpt: Checkpoint, opts: ConvertOptions) -> Prepared:
 def nonfinite_modules(executor: Executor) -> dict[str, str]:
     """Modules (expert layers) the plan quantizes whose source weights hold NaN or Inf -> why; reads
     every one of those weights once."""
-    import torch
-
     bad = {}
     for lin in executor.plan.linears:
-        if lin.fmt_out is not None and lin.fmt_out.quant_algo and not torch.isfinite(executor.linear_weight(lin, check=False)).all():
+        if lin.fmt_out is not None and lin.fmt_out.quant_algo and not all_finite(executor.linear_weight(lin, check=False)):
             bad[lin.module] = f"NaN or Inf in '{lin.parts['weight']}'"
     for ex in executor.plan.experts:
         if ex.fmt_out is not None and ex.fmt_out.quant_algo:
             where = next(((e, k) for k in ex.parts for e in range(ex.num)
-                          if not torch.isfinite(executor.expert_weight(ex, k, e, check=False)).all()), None)  # fmt: skip
+                          if not all_finite(executor.expert_weight(ex, k, e, check=False))), None)  # fmt: skip
             if where:
                 bad[ex.layer] = f"NaN or Inf in expert {where[0]} {where[1]}"
     return bad

@@ -27,6 +27,13 @@ BATCH_BYTES = 256 * 1024**2  # experts quantized per step
 _READERS = ThreadPoolExecutor(8, thread_name_prefix="stepquant-read")  # pread releases the GIL
 
 
+def all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """Whether every value is finite, in slices: `torch.isfinite` of a whole tensor makes several
+    temporaries its size (a 2 GB expert parameter would cost ~5 GB more)."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def _bytes(t: torch.Tensor) -> memoryview:
     """The tensor's bytes without a copy when it is already on the CPU and contiguous (the view keeps
     its storage alive)."""
@@ -80,7 +87,7 @@ class Executor:
     def linear_weight(self, lin: Linear, check: bool = True) -> torch.Tensor:
         parts = {s: self.ckpt.read(self._src(n)) for s, n in lin.parts.items() if s != "input_scale"}
         w = lin.fmt_in.dequantize(parts)
-        if check and not torch.isfinite(w).all():
+        if check and not all_finite(w):
             raise StepquantError(f"tensor '{lin.parts['weight']}': NaN or Inf in the weight (--allow-nonfinite keeps it unquantized)")
         return w
 
@@ -92,7 +99,7 @@ class Executor:
     def expert_weight(self, ex: Experts, key: str, e: int, check: bool = True) -> torch.Tensor:
         parts = {s: self.expert_part(ex, key, e, s) for s in ex.parts[key][e] if s != "input_scale"}
         w = ex.fmt_in.dequantize(parts)
-        if check and not torch.isfinite(w).all():
+        if check and not all_finite(w):
             raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {key} (--allow-nonfinite keeps them unquantized)")
         return w
 
