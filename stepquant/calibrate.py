@@ -20,6 +20,10 @@ from .errors import StepquantError
 from .quantize import Activations, all_finite
 
 ATTN_NAME = "stepquant_calib"
+# CalibStats' tensor fields: amax values (combined by max) and token counts per expert (combined by sum)
+AMAX_FIELDS = ("linear", "experts_in", "experts_mid", "k", "v")
+COUNT_FIELDS = ("expert_tokens", "expert_seen")
+STATS_FIELDS = AMAX_FIELDS + COUNT_FIELDS
 
 
 @dataclass
@@ -41,7 +45,7 @@ class CalibStats:
 
     def cpu(self) -> CalibStats:
         """The statistics moved to host memory (they are gathered on the forward's device, without syncs)."""
-        for f in ("linear", "experts_in", "experts_mid", "expert_tokens", "expert_seen", "k", "v"):
+        for f in STATS_FIELDS:
             setattr(self, f, {k: v.cpu() for k, v in getattr(self, f).items()})
         return self
 

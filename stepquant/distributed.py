@@ -20,11 +20,9 @@ from datetime import timedelta
 
 import torch
 
-from .calibrate import CalibStats
+from .calibrate import AMAX_FIELDS, COUNT_FIELDS, CalibStats
 from .errors import StepquantError
 
-FLOAT_FIELDS = ("linear", "experts_in", "experts_mid", "k", "v")  # reduced with max
-COUNT_FIELDS = ("expert_tokens", "expert_seen")  # reduced with sum
 ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
 
 
@@ -77,7 +75,7 @@ def reduce_stats(stats: CalibStats, kind: str) -> CalibStats:
     import torch.distributed as dist
 
     device = torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
-    shapes = {f: {k: (tuple(v.shape), v.dtype) for k, v in getattr(stats, f).items()} for f in FLOAT_FIELDS + COUNT_FIELDS}
+    shapes = {f: {k: (tuple(v.shape), v.dtype) for k, v in getattr(stats, f).items()} for f in AMAX_FIELDS + COUNT_FIELDS}
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, shapes)
     union = {f: dict(sorted({k: s for other in every for k, s in other[f].items()}.items())) for f in shapes}
@@ -87,12 +85,12 @@ def reduce_stats(stats: CalibStats, kind: str) -> CalibStats:
                  for f in fields for k, (s, d) in union[f].items()]  # fmt: skip
         return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
 
-    amax = flat(FLOAT_FIELDS, torch.float32)
+    amax = flat(AMAX_FIELDS, torch.float32)
     counts = torch.cat([flat(COUNT_FIELDS, torch.int64), torch.tensor([stats.batches, stats.tokens], device=device)])
     dist.all_reduce(amax, dist.ReduceOp.MAX)
     dist.all_reduce(counts, dist.ReduceOp.SUM)
     out = CalibStats()
-    for fields, values in ((FLOAT_FIELDS, amax.cpu()), (COUNT_FIELDS, counts.cpu())):
+    for fields, values in ((AMAX_FIELDS, amax.cpu()), (COUNT_FIELDS, counts.cpu())):
         at = 0
         for f in fields:
             store = getattr(out, f)

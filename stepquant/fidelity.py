@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .layerwise import LayerLoader, _decoder, _release, layer_inputs, layer_output
 from .qmodel import QuantizedModel
 
 EVAL_MODULES = (
@@ -92,7 +93,7 @@ class _Tally:
 
 
 def _out(out) -> torch.Tensor:
-    return (out[0] if isinstance(out, tuple) else out).float()
+    return layer_output(out).float()
 
 
 @torch.no_grad()
@@ -125,8 +126,6 @@ def measure_layers(qm: QuantizedModel, reader, batches: list[torch.Tensor], mode
     the meta device; each layer gets the reference's weights from `reader` (an Executor over the source)
     and the checkpoint's quantized weights, and both the reference's and the quantized hidden states go
     through it. The same numbers as `measure`."""
-    from .layerwise import LayerLoader, _decoder, _release, layer_inputs
-
     model, dev = qm.model, torch.device(device)
     dec, _, layers = _decoder(model)
     loader = LayerLoader(model, reader, dev, next(model.parameters()).dtype)
@@ -146,7 +145,7 @@ def measure_layers(qm: QuantizedModel, reader, batches: list[torch.Tensor], mode
             ref = layer(h_ref[b], *args, **kwargs)
             with qm.quantized(mode):
                 q = layer(h_q[b], *args, **kwargs)
-            h_ref[b], h_q[b] = (out[0] if isinstance(out, tuple) else out for out in (ref, q))
+            h_ref[b], h_q[b] = layer_output(ref), layer_output(q)
             tally.layer(names[layer], _out(ref), _out(q))
         qm.linears, qm.experts = {}, {}
         _release(layer)

@@ -33,14 +33,13 @@ import torch
 
 from tqdm import tqdm
 
-from .calibrate import (COMPUTE_DTYPES, CalibStats, _amax, _is_fused_experts, _recording, _update, canonical_layer,
-                        canonical_module, finite_weights)  # fmt: skip
+from .calibrate import (COMPUTE_DTYPES, COUNT_FIELDS, STATS_FIELDS, CalibStats, _amax, _is_fused_experts, _recording,
+                        _update, canonical_layer, canonical_module, finite_weights)  # fmt: skip
 from .errors import StepquantError
 from .plan import Plan
 from .quantize import Executor
 
 log = logging.getLogger("stepquant")
-STATS_FIELDS = ("linear", "experts_in", "experts_mid", "expert_tokens", "expert_seen", "k", "v")
 # A layer's hidden states are saved for --resume when at least SAVE_SECONDS have passed since the last save
 # (or the start) and at least SAVE_RATIO times what that save took (so saving costs at most about
 # 1/SAVE_RATIO of the calibration time; a short calibration is simply run again).
@@ -184,6 +183,11 @@ class LayerLoader:
                 self.model._init_weights(m)
 
 
+def layer_output(out) -> torch.Tensor:
+    """A decoder layer's hidden states (some transformers layers return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _release(module: torch.nn.Module) -> None:
     """Back to the meta device: the memory is freed, the structure stays."""
     module.to("meta")
@@ -295,7 +299,7 @@ class LayerState:
         stats = CalibStats()
         for f in STATS_FIELDS:
             dtypes = meta["stat_dtypes"][f]
-            setattr(stats, f, {k: torch.tensor(v, dtype=getattr(torch, dtypes[k]), device="cpu" if f in ("expert_tokens", "expert_seen") else device)
+            setattr(stats, f, {k: torch.tensor(v, dtype=getattr(torch, dtypes[k]), device="cpu" if f in COUNT_FIELDS else device)
                                for k, v in meta["stats"][f].items()})  # fmt: skip
         stats.batches, stats.tokens = meta["counts"]
         dtype = getattr(torch, meta["dtype"])
@@ -353,7 +357,7 @@ def calibrate_layers(model: torch.nn.Module, executor: Executor, batches: list[t
             for b, ids in enumerate(batches):
                 args, kwargs = calls[tuple(ids.shape)][i]
                 out = layer(hidden[b].to(dev), *args, **kwargs)
-                hidden[b] = (out[0] if isinstance(out, tuple) else out).to(where)
+                hidden[b] = layer_output(out).to(where)
             _release(layer)
             bar.update()
             since = time.monotonic() - last_save

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from stepquant.calibrate import CalibStats, calibrate, load_batches, load_model
+from stepquant.calibrate import STATS_FIELDS, CalibStats, calibrate, load_batches, load_model
 from stepquant.checkpoint import open_checkpoint
 from stepquant.convert import ConvertOptions, convert, prepare
 from stepquant.convert import output_digest as digest
-from stepquant.layerwise import STATS_FIELDS, LayerLoader, LayerState, build_meta_model, calibrate_layers
+from stepquant.layerwise import LayerLoader, LayerState, build_meta_model, calibrate_layers
 from stepquant.quantize import Executor
 
 
