@@ -84,9 +84,11 @@ class Format:
     def quantize(self, w: torch.Tensor, amax: torch.Tensor) -> Parts:
         raise NotImplementedError
 
+    # the scale tensors that follow from the weight amax alone: the writer makes them without quantizing
+    amax_scale_names: tuple[str, ...] = ()
+
     def amax_scales(self, amax: torch.Tensor) -> Parts:
-        """The scale tensors that follow from the weight amax alone (one per amax value): the writer
-        produces them without quantizing the weight."""
+        """The `amax_scale_names` tensors for these amax values (one value per amax)."""
         return {}
 
     def quantize_stacked(self, w: torch.Tensor, amax: torch.Tensor) -> Parts:
@@ -118,6 +120,8 @@ class FP8(Format):
 
     def specs(self, shape):
         return {"weight": ("F8_E4M3", tuple(shape)), "weight_scale": ("F32", ())}
+
+    amax_scale_names = ("weight_scale",)
 
     def amax_scales(self, amax):
         return {"weight_scale": _cpu_div(amax, E4M3_MAX)}
@@ -190,6 +194,8 @@ class NVFP4(Format):
     def cannot_hold(self, shape):
         g = self.config.group_size
         return f"input dim {shape[-1]} is not a multiple of the group size {g}" if shape[-1] % g else None
+
+    amax_scale_names = ("weight_scale_2",)
 
     def amax_scales(self, amax):
         return {"weight_scale_2": _cpu_div(amax, E2M1_MAX * E4M3_MAX)}

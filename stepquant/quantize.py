@@ -267,7 +267,7 @@ class Executor:
         and the format's amax scales, checked like every scale."""
         if (ex.layer, key) not in self._scales:
             fmt = ex.fmt_out
-            out = dict(fmt.amax_scales(self.expert_amax(ex, key))) if fmt.amax_scales(torch.zeros(1)) else {}
+            out = dict(fmt.amax_scales(self.expert_amax(ex, key))) if fmt.amax_scale_names else {}
             if fmt.calibrated:
                 out["input_scale"] = self.expert_input_scales(ex, key, fmt)
             self._scales[(ex.layer, key)] = _checked(out, f"{ex.layer} experts {key}")
@@ -378,7 +378,7 @@ class Executor:
     def _expert_chunks(self, ex: Experts, key: str, suffix: str, experts) -> Callable[[], Iterator[bytes]]:
         # the writer puts 4-byte tensors first in a shard: the scalar scales of every layer in it come long
         # before the quantized weights, so they are made without quantizing (nothing big is held meanwhile)
-        small = ex.fmt_out is not None and (suffix == "input_scale" or suffix in ex.fmt_out.amax_scales(torch.zeros(1)))
+        small = ex.fmt_out is not None and (suffix == "input_scale" or suffix in ex.fmt_out.amax_scale_names)
         cache_key = self._reader(("ex", ex.layer, key)) if ex.fmt_out is not None and not small else None
 
         def chunks() -> Iterator[bytes]:
