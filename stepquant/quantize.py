@@ -236,10 +236,8 @@ class Executor:
                     if s not in out[k]:
                         out[k][s] = torch.empty((ex.num, *t.shape[1:]), dtype=t.dtype)
                     out[k][s][batch.start : batch.stop].copy_(t)
-        for k in keys:
+        for k in keys:  # input_scale is not here: the writer takes it, like the amax scales, from _expert_scales
             self._expert_amax[(ex.layer, k)] = shared_all
-            if fmt.calibrated:
-                out[k]["input_scale"] = self.expert_input_scales(ex, k, fmt)
             _checked(out[k], f"{ex.layer} experts {k}")
         for k in keys:
             if k != key:
