@@ -39,7 +39,7 @@ def layer_bytes(shape: StepShape) -> int:
 
 class Meter:
     """Peak host RSS (sampled every 20 ms) and peak GPU memory, per phase: calibration (and within it, each
-    layer's weights as loaded and the peak while its batches run) versus quantize + write."""
+    layer's weights as loaded and the peak while its batches run; the writer quantizes meanwhile) versus what follows it."""
 
     def __init__(self) -> None:
         self.phase, self.rss, self.gpu, self.layers = "setup", {}, {}, []
@@ -69,7 +69,7 @@ class Meter:
             try:
                 return calibrate(*a, **k)
             finally:
-                meter.enter("quantize_write")
+                meter.enter("after_calibration")
 
         def timed_load(self, module):
             if ".layers." not in self.names[module]:
@@ -136,7 +136,7 @@ def main() -> None:
         "generate_seconds": round(gen_s, 1),
         "wall_seconds": round(wall, 1),
         "calibration_seconds": calib_s,
-        "quantize_write_seconds": round(wall - calib_s, 1),
+        "after_calibration_seconds": round(wall - calib_s, 1),
         "GB_per_s": round(src_bytes / wall / 1e9, 3),
         "one_layer_bf16_bytes": one_layer,
         "hidden_state_bytes": hidden,

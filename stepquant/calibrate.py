@@ -40,8 +40,6 @@ class CalibStats:
     v: dict[str, torch.Tensor] = field(default_factory=dict)
     batches: int = 0
     tokens: int = 0
-    # canonical layer -> projection -> [E] expert weight amax, when the experts were read anyway (layerwise)
-    weight_amax: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def cpu(self) -> CalibStats:
         """The statistics moved to host memory (they are gathered on the forward's device, without syncs)."""
@@ -436,5 +434,4 @@ def to_canonical(stats: CalibStats, memory_names: tuple[tuple[str, str], ...]):
     acts.k = {canon(n): v for n, v in stats.k.items()}
     acts.v = {canon(n): v for n, v in stats.v.items()}
     acts.tokens = stats.tokens
-    acts.weight_amax = stats.weight_amax
     return acts

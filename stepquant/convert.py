@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import __version__
@@ -23,7 +23,7 @@ from .naming import PrefixMap, builtin_map, canonical_names, load_user_map, rena
 from .plan import Linear, Plan, build_plan
 from .quantize import Activations, Executor, all_finite
 from .recipes import Recipe, load_recipe
-from .shards import DEFAULT_MAX_SHARD, OutputDir, OutTensor, parse_size
+from .shards import DEFAULT_MAX_SHARD, OutputDir, ShardWriter, parse_size
 
 MANIFEST = "stepquant.json"
 COVERAGE = "expert_coverage.png"  # calibration tokens per layer and expert, beside the manifest
@@ -166,18 +166,21 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None
         fingerprint = _fingerprint(ckpt, opts, prep)
         # DST.partial and its lock first: a second run on DST is refused before it calibrates
         with OutputDir(dst, fingerprint, resume=opts.resume, overwrite=opts.overwrite) as out:
-            if _needs_calibration(prep):  # deterministic, so a resumed run recalibrates to the same scales
-                t0 = time.time()
-                acts = _calibrate(ckpt, prep, opts, out.scratch("calibration"))
-                timings["calibration_seconds"] = round(time.time() - t0, 3)
-            executor = Executor(ckpt, prep.plan, acts, prep.recipe.expert_input_scale, opts.device)
-            executor.check_calibration()
-            _warn_uncovered(acts)
+            executor = Executor(ckpt, prep.plan, None, prep.recipe.expert_input_scale, opts.device)
             tensors = executor.outputs()
             final = rename_all([t.name for t in tensors], prep.out_map) if prep.out_map else None
             if final:
-                tensors = [OutTensor(final[t.name], t.dtype, t.shape, t.nbytes, t.chunks) for t in tensors]
-            out.write_shards(tensors, max_shard, desc=Path(dst).name)
+                tensors = [replace(t, name=final[t.name]) for t in tensors]
+            with ShardWriter(out, tensors, max_shard, desc=Path(dst).name) as writer:
+                if _needs_calibration(prep):
+                    # the weights are quantized and written meanwhile: only the late scales need the statistics
+                    writer.start()
+                    t0 = time.time()  # deterministic, so a resumed run recalibrates to the same scales
+                    acts = executor.acts = _calibrate(ckpt, prep, opts, out.scratch("calibration"))
+                    timings["calibration_seconds"] = round(time.time() - t0, 3)
+                executor.check_calibration()
+                _warn_uncovered(acts)
+                writer.finish()
             _write_configs(ckpt, out, prep)
             for name in ckpt.sidecars:
                 if name not in NOT_COPIED:
@@ -235,7 +238,7 @@ def _calibrate(ckpt: Checkpoint, prep: Prepared, opts: ConvertOptions, state: Pa
         from .layerwise import build_meta_model, calibrate_layers
 
         model = build_meta_model(ckpt.root, ckpt.config, trust_remote_code=opts.trust_remote_code)
-        reader = Executor(ckpt, prep.plan, None, r.expert_input_scale)
+        reader = Executor(ckpt, prep.plan, None, r.expert_input_scale, device)  # stages experts for it
         stats = calibrate_layers(model, reader, mine, device, opts.calib_all_experts, state, opts.allow_nonfinite)
     else:
         raise StepquantError(f"--calib-mode {opts.calib_mode!r}: expected 'layers' or 'model'")

@@ -99,7 +99,6 @@ def reduce_stats(stats: CalibStats, kind: str) -> CalibStats:
                 store[k] = values[at : at + n].reshape(s).to(d)
                 at += n
     out.batches, out.tokens = (int(x) for x in counts[-2:].tolist())
-    out.weight_amax = stats.weight_amax  # the same on every rank: each read every layer
     return out
 
 

@@ -91,7 +91,6 @@ class LayerLoader:
 
         self.model, self.executor, self.device, self.dtype = model, executor, device, dtype
         self.allow_nonfinite = allow_nonfinite
-        self.weight_amax: dict[str, dict[str, torch.Tensor]] = {}  # layer -> projection -> [E], as read
         self.plan: Plan = executor.plan
         self.mapping = get_model_conversion_mapping(model)
         self.names = {m: n for n, m in model.named_modules()}
@@ -148,8 +147,9 @@ class LayerLoader:
                 hf_logging.enable_progress_bar()
 
     def _load_experts(self, module: torch.nn.Module, ex) -> None:
-        """Fused `gate_up_proj` [E, 2I, H] (gate rows first) and `down_proj` [E, H, I], filled expert by
-        expert from the source (dequantized), straight into the one device copy."""
+        """Fused `gate_up_proj` [E, 2I, H] (gate rows first) and `down_proj` [E, H, I], filled from the
+        source (dequantized) in batches of experts read ahead by a thread pool, straight into the one device
+        copy."""
         n, (inter, hidden) = ex.num, ex.shapes["gate"]
         want = {"gate_up_proj": (n, 2 * inter, hidden), "down_proj": (n, hidden, inter)}
         for attr, shape in want.items():
@@ -158,20 +158,14 @@ class LayerLoader:
                                      f"expected {shape} from experts of {ex.layer}")  # fmt: skip
         gate_up = torch.empty(want["gate_up_proj"], dtype=self.dtype, device=self.device)
         down = torch.empty(want["down_proj"], dtype=self.dtype, device=self.device)
-        read = self.executor.expert_weight
-        for e in range(n):
-            gate_up[e, :inter].copy_(read(ex, "gate", e, check=False), non_blocking=True)
-            gate_up[e, inter:].copy_(read(ex, "up", e, check=False), non_blocking=True)
-            down[e].copy_(read(ex, "down", e, check=False), non_blocking=True)
+        read = self.executor
+        for batch, bufs in read.expert_host_batches(ex, ("gate", "up"), read.bf16_source(ex, ("gate", "up"))):
+            gate_up[batch.start : batch.stop, :inter].copy_(bufs["gate"], non_blocking=True)
+            gate_up[batch.start : batch.stop, inter:].copy_(bufs["up"], non_blocking=True)
+        for batch, bufs in read.expert_host_batches(ex, ("down",), read.bf16_source(ex, ("down",))):
+            down[batch.start : batch.stop].copy_(bufs["down"], non_blocking=True)
         module.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
         module.down_proj = torch.nn.Parameter(down, requires_grad=False)
-        # the writer's weight_scale_2 / weight_scale follow from these: measured here, they need no second read
-        inf = float("inf")
-        self.weight_amax[ex.layer] = {
-            "gate": torch.linalg.vector_norm(gate_up[:, :inter], inf, dim=(1, 2)).float().cpu(),
-            "up": torch.linalg.vector_norm(gate_up[:, inter:], inf, dim=(1, 2)).float().cpu(),
-            "down": torch.linalg.vector_norm(down, inf, dim=(1, 2)).float().cpu(),
-        }
 
     def _init_buffers(self, module: torch.nn.Module) -> None:
         """Non-persistent buffers (rotary frequencies) are not in any checkpoint: transformers computes them."""
@@ -370,7 +364,6 @@ def calibrate_layers(model: torch.nn.Module, executor: Executor, batches: list[t
                 os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
         _final_norm(model, dec, loader, stats, hidden, dev)
-    stats.weight_amax = loader.weight_amax
     return stats.cpu()
 
 

@@ -7,6 +7,7 @@ layer's projection, never the model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections import Counter, OrderedDict
@@ -55,8 +56,6 @@ class Activations:
         self.source = ""
         self.samples = 0
         self.tokens = 0
-        # layer -> projection -> [E] weight amax per expert, when calibration has read the experts anyway
-        self.weight_amax: dict[str, dict[str, torch.Tensor]] = {}
 
 
 class Executor:
@@ -74,6 +73,11 @@ class Executor:
         self._amax: dict[str, torch.Tensor] = {}
         self.by_module = {lin.module: lin for lin in plan.linears}
         self._staged: dict[int, torch.Tensor] = {}
+        # its own CUDA stream: its GPU work overlaps a calibration running meanwhile on the default one
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def _on_stream(self) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 
     # -- reading ----------------------------------------------------------------------------------
     def _src(self, canonical: str) -> str:
@@ -103,10 +107,10 @@ class Executor:
             raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {key} (--allow-nonfinite keeps them unquantized)")
         return w
 
-    def _direct(self, ex: Experts, keys: tuple[str, ...]) -> bool:
-        """Whether the experts can be read straight into the staging buffers: BF16 source tensors that
-        are quantized (the results are new tensors, so a buffer can be reused)."""
-        if ex.fmt_in.quant_algo or not ex.fmt_out.quant_algo:
+    def bf16_source(self, ex: Experts, keys: tuple[str, ...]) -> bool:
+        """Whether the experts of `keys` are plain BF16 tensors in the source, which can be read straight
+        into the staging buffers."""
+        if ex.fmt_in.quant_algo:
             return False
         refs = [ex.parts[k][0] for k in keys]
         return all(set(r) <= {"weight", "input_scale"} and self.ckpt.info(self._src(r["weight"][0])).dtype == "BF16" for r in refs)
@@ -174,49 +178,73 @@ class Executor:
             raise StepquantError(f"no calibration data reached {modules[0]}; it cannot get an input_scale")
         return torch.stack(vals).amax()
 
+    def _group_amax(self, lin: Linear) -> torch.Tensor:
+        """The weight amax that `lin`'s scales follow from: its fusion group's where the format shares it."""
+        group = self._group(lin) if lin.fmt_out.shares_fusion_amax else [lin]
+        return torch.stack([self.weight_amax(g.module) for g in group]).amax()
+
     def quantize_linear(self, lin: Linear) -> dict[str, torch.Tensor]:
-        fmt = lin.fmt_out
+        """The quantized weight and its scales (input_scale is not here: `_linear_scales` makes it)."""
         w = self.linear_weight(lin)
         self._amax.setdefault(lin.module, w.float().abs().amax())  # its group's members need it too
-        group = self._group(lin) if fmt.shares_fusion_amax else [lin]
-        amax = torch.stack([self.weight_amax(g.module) for g in group]).amax()
-        out = {s: t.cpu() for s, t in fmt.quantize(w.to(self.device), amax).items()}
+        with self._on_stream():
+            out = {s: t.cpu() for s, t in lin.fmt_out.quantize(w.to(self.device), self._group_amax(lin)).items()}
+        return _checked(out, lin.module)
+
+    def _linear_scales(self, lin: Linear) -> dict[str, torch.Tensor]:
+        """A quantized Linear's scalar scales that need no quantized weight: the format's amax scales
+        and input_scale (calibration), checked like every scale."""
+        fmt = lin.fmt_out
+        out = dict(fmt.amax_scales(self._group_amax(lin))) if fmt.amax_scale_names else {}
         if fmt.calibrated:
             out["input_scale"] = fmt.input_scale(self._input_amax([g.module for g in self._group(lin)]))
         return _checked(out, lin.module)
 
-    def _expert_batches(self, ex: Experts, keys: tuple[str, ...]) -> Iterator[tuple[range, dict[str, torch.Tensor], torch.Tensor]]:
-        """The experts of `keys` in batches of ~BATCH_BYTES on the device, read by a thread pool while the
-        previous batch is used; with each batch the per-expert amax shared by `keys` (gate and up of one
-        expert share it, fused in memory). Finite weights only."""
+    def expert_host_batches(self, ex: Experts, keys: tuple[str, ...], direct: bool) -> Iterator[tuple[range, dict[str, torch.Tensor]]]:
+        """The experts of `keys` in host memory, ~BATCH_BYTES a batch, read by a thread pool while the
+        previous batch is used. `direct`: BF16 sources read into two reused staging buffers (pinned for a
+        CUDA device), so a batch is only valid until the caller resumes; asynchronous copies out of it that
+        the caller started on the current stream are waited for before its buffer is read into again."""
         per_expert = 2 * max(math.prod(ex.shapes[k]) for k in keys)
         size = max(1, BATCH_BYTES // per_expert)
         batches = [range(s, min(s + size, ex.num)) for s in range(0, ex.num, size)]
-        direct = ex.fmt_out is not None and self._direct(ex, keys)
+        cuda = self.device.type == "cuda"
 
-        def load(batch: range, slot: int) -> dict[str, torch.Tensor]:
+        def load(batch: range, slot: int, used: torch.cuda.Event | None) -> dict[str, torch.Tensor]:
             if not direct:
                 return {k: torch.stack(list(_READERS.map(lambda e, k=k: self.expert_weight(ex, k, e, check=False), batch)))
                         for k in keys}  # fmt: skip
+            if used is not None:
+                used.synchronize()
             bufs = self._staging(slot, {k: (len(batch), *ex.shapes[k]) for k in keys})
             jobs = [(k, e, bufs[k][j]) for k in keys for j, e in enumerate(batch)]
             list(_READERS.map(lambda job: self._read_expert_into(ex, *job), jobs))
             return bufs
 
         with ThreadPoolExecutor(1) as prefetch:
-            pending = prefetch.submit(load, batches[0], 0)
+            pending = prefetch.submit(load, batches[0], 0, None)
             for i, batch in enumerate(batches):
-                # from pinned memory an asynchronous copy; the amax below waits for it, and batch i is
-                # used before batch i + 2 is read into its slot
-                ws = {k: w.to(self.device, non_blocking=True) for k, w in pending.result().items()}
-                if i + 1 < len(batches):
-                    pending = prefetch.submit(load, batches[i + 1], (i + 1) % 2)
-                amax = {k: w.abs().amax(dim=tuple(range(1, w.dim()))).float().cpu() for k, w in ws.items()}
-                for k, a in amax.items():
-                    if not torch.isfinite(a).all():
-                        e = batch[int((~torch.isfinite(a)).nonzero()[0])]
-                        raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {k}")
-                yield batch, ws, torch.stack(list(amax.values())).amax(0)
+                bufs = pending.result()
+                if i + 1 < len(batches):  # its slot held batch i - 1, whose copies were started before now
+                    used = torch.cuda.Event() if cuda else None
+                    if used is not None:
+                        used.record()
+                    pending = prefetch.submit(load, batches[i + 1], (i + 1) % 2, used)
+                yield batch, bufs
+
+    def _expert_batches(self, ex: Experts, keys: tuple[str, ...]) -> Iterator[tuple[range, dict[str, torch.Tensor], torch.Tensor]]:
+        """The experts of `keys` in batches on the device; with each batch the per-expert amax shared by
+        `keys` (gate and up of one expert share it, fused in memory). Finite weights only."""
+        # staging is reused only where the results are new tensors: quantized
+        direct = ex.fmt_out is not None and bool(ex.fmt_out.quant_algo) and self.bf16_source(ex, keys)
+        for batch, bufs in self.expert_host_batches(ex, keys, direct):
+            ws = {k: w.to(self.device, non_blocking=True) for k, w in bufs.items()}
+            amax = {k: w.abs().amax(dim=tuple(range(1, w.dim()))).float().cpu() for k, w in ws.items()}
+            for k, a in amax.items():
+                if not torch.isfinite(a).all():
+                    e = batch[int((~torch.isfinite(a)).nonzero()[0])]
+                    raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {k}")
+            yield batch, ws, torch.stack(list(amax.values())).amax(0)
 
     def _pair(self, ex: Experts, key: str) -> tuple[str, ...]:
         """Gate and up share a global scale per expert, so they are quantized together."""
@@ -229,13 +257,14 @@ class Executor:
         keys = self._pair(ex, key)
         out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
         shared_all = torch.empty(ex.num, dtype=torch.float32)
-        for batch, ws, shared in self._expert_batches(ex, keys):
-            shared_all[batch.start : batch.stop] = shared
-            for k, w in ws.items():
-                for s, t in fmt.quantize_stacked(w, shared).items():  # into one host tensor per suffix
-                    if s not in out[k]:
-                        out[k][s] = torch.empty((ex.num, *t.shape[1:]), dtype=t.dtype)
-                    out[k][s][batch.start : batch.stop].copy_(t)
+        with self._on_stream():
+            for batch, ws, shared in self._expert_batches(ex, keys):
+                shared_all[batch.start : batch.stop] = shared
+                for k, w in ws.items():
+                    for s, t in fmt.quantize_stacked(w, shared).items():  # into one host tensor per suffix
+                        if s not in out[k]:
+                            out[k][s] = torch.empty((ex.num, *t.shape[1:]), dtype=t.dtype)
+                        out[k][s][batch.start : batch.stop].copy_(t)
         for k in keys:  # input_scale is not here: the writer takes it, like the amax scales, from _expert_scales
             self._expert_amax[(ex.layer, k)] = shared_all
             _checked(out[k], f"{ex.layer} experts {k}")
@@ -245,15 +274,12 @@ class Executor:
         return out[key]
 
     def expert_amax(self, ex: Experts, key: str) -> torch.Tensor:
-        """[E] amax per expert that `key`'s scales follow from (shared by gate and up); a read pass without
-        quantizing when no quantization has recorded it yet."""
+        """[E] amax per expert that `key`'s scales follow from (shared by gate and up): recorded by
+        `quantize_experts`, which the late scales of a shard come after; else a read pass without quantizing."""
         if (ex.layer, key) not in self._expert_amax:
             keys = self._pair(ex, key)
-            seen = self.acts.weight_amax.get(ex.layer, {}) if self.acts else {}
-            if all(k in seen for k in keys):  # calibration measured them on its way
-                shared_all = torch.stack([seen[k].float().cpu() for k in keys]).amax(0)
-            else:
-                shared_all = torch.empty(ex.num, dtype=torch.float32)
+            shared_all = torch.empty(ex.num, dtype=torch.float32)
+            with self._on_stream():
                 for batch, _, shared in self._expert_batches(ex, keys):
                     shared_all[batch.start : batch.stop] = shared
             for k in keys:
@@ -297,7 +323,7 @@ class Executor:
         for attn in self.plan.kv_layers:
             for kv in ("k", "v"):
                 get = lambda attn=attn, kv=kv: {"s": self.kv_scale(attn, kv)}  # noqa: E731
-                outs.append(_lazy(f"{attn}.{kv}_proj.{kv}_scale", "F32", (), get, "s"))
+                outs.append(_lazy(f"{attn}.{kv}_proj.{kv}_scale", "F32", (), get, "s", late=True))
         return outs
 
     def check_calibration(self) -> None:
@@ -325,13 +351,17 @@ class Executor:
     def _linear_outputs(self, lin: Linear) -> list[OutTensor]:
         if lin.fmt_out is None:
             return [_copy(self.ckpt, f"{lin.module}.{s}", self.ckpt.tensors[self._src(n)]) for s, n in lin.parts.items()]
-        specs = dict(lin.fmt_out.specs(lin.shape))
-        if lin.fmt_out.calibrated:
+        fmt = lin.fmt_out
+        specs = dict(fmt.specs(lin.shape))
+        if fmt.calibrated:
             specs["input_scale"] = ("F32", ())
         key = ("lin", lin.module)
         get = lambda: self._cached(key, lambda: self.quantize_linear(lin))  # noqa: E731
         outs = []
         for s, (dt, shp) in specs.items():
+            if s == "input_scale" or s in fmt.amax_scale_names:  # late: after the weights, from their amax
+                outs.append(_lazy(f"{lin.module}.{s}", dt, shp, lambda: self._linear_scales(lin), s, late=True))
+                continue
             self._reader(key)
             outs.append(_lazy(f"{lin.module}.{s}", dt, shp, get, s, lambda: self._read_done(key)))
         return outs
@@ -355,14 +385,15 @@ class Executor:
                 if ex.fmt_out.calibrated:
                     suffixes["input_scale"] = ("F32", ())
             for s, (dt, shp) in suffixes.items():
+                late = self._late(ex, s)
                 if layout == "stacked":
                     name = fam.experts["stacked"].format(L=ex.layer, p=proj[key]) + f".{s}"
                     outs.append(OutTensor(name, dt, (ex.num, *shp), ex.num * _nbytes(dt, shp),
-                                          self._expert_chunks(ex, key, s, range(ex.num))))  # fmt: skip
+                                          self._expert_chunks(ex, key, s, range(ex.num)), late))  # fmt: skip
                 else:
                     for e in range(ex.num):
                         name = fam.experts["per-expert"].format(L=ex.layer, e=e, p=proj[key]) + f".{s}"
-                        outs.append(OutTensor(name, dt, shp, _nbytes(dt, shp), self._expert_chunks(ex, key, s, [e])))
+                        outs.append(OutTensor(name, dt, shp, _nbytes(dt, shp), self._expert_chunks(ex, key, s, [e]), late))
         return outs
 
     def _part_meta(self, ex: Experts, key: str, suffix: str) -> tuple[str, tuple[int, ...]]:
@@ -373,10 +404,13 @@ class Executor:
             shape = (len(range(shape[0])[_rows(ex, key, shape[0])]), *shape[1:])
         return t.dtype, tuple(shape)
 
+    @staticmethod
+    def _late(ex: Experts, suffix: str) -> bool:
+        """Scalar scales of quantized experts: made without quantizing, after the weights (late)."""
+        return ex.fmt_out is not None and (suffix == "input_scale" or suffix in ex.fmt_out.amax_scale_names)
+
     def _expert_chunks(self, ex: Experts, key: str, suffix: str, experts) -> Callable[[], Iterator[bytes]]:
-        # the writer puts 4-byte tensors first in a shard: the scalar scales of every layer in it come long
-        # before the quantized weights, so they are made without quantizing (nothing big is held meanwhile)
-        small = ex.fmt_out is not None and (suffix == "input_scale" or suffix in ex.fmt_out.amax_scale_names)
+        small = self._late(ex, suffix)
         cache_key = self._reader(("ex", ex.layer, key)) if ex.fmt_out is not None and not small else None
 
         def chunks() -> Iterator[bytes]:
@@ -438,7 +472,7 @@ def _copy(ckpt: Checkpoint, name: str, t) -> OutTensor:
 
 
 def _lazy(name: str, dtype: str, shape, get: Callable[[], dict], suffix: str,
-          done: Callable[[], None] = lambda: None) -> OutTensor:  # fmt: skip
+          done: Callable[[], None] = lambda: None, late: bool = False) -> OutTensor:  # fmt: skip
     """An output computed on demand by `get`; `done` is told when its bytes have been handed on."""
     def chunks():
         t = get()[suffix]
@@ -448,7 +482,7 @@ def _lazy(name: str, dtype: str, shape, get: Callable[[], dict], suffix: str,
         del t
         done()
 
-    return OutTensor(name, dtype, tuple(shape), _nbytes(dtype, shape), chunks)
+    return OutTensor(name, dtype, tuple(shape), _nbytes(dtype, shape), chunks, late)
 
 
 def _checked(parts: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:

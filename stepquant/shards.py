@@ -3,6 +3,11 @@
 All work goes into `DST.partial/`, which becomes `DST` by one rename when everything is written. A
 journal there records each finished shard (bytes, sha256), so `--resume` after a kill skips them and
 writes the rest; since shard planning and tensor order are deterministic the result is byte-identical.
+
+Tensors marked `late` (scalar scales that follow from what quantizing the others measured, or from the
+calibration) go after all others in their shard where that keeps them aligned: a shard is written and
+hashed in one pass up to them, and `ShardWriter` can write every shard that far while the calibration
+runs, then finish them when it is done.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class OutTensor:
     shape: tuple[int, ...]
     nbytes: int
     chunks: Callable[[], Iterable[bytes | bytearray | memoryview]]
+    late: bool = False  # a small scale made from what the others measured or from calibration: written last
 
 
 def parse_size(value: str | int) -> int:
@@ -162,23 +168,21 @@ class _Drain:
 
 
 class _Writer:
-    """Writes a shard's chunks in one background thread and hashes them in another while the caller
-    produces the next ones (file writes and sha256 release the GIL): reading, quantizing, writing and
-    hashing overlap."""
+    """Writes chunks to a file in one background thread and adds them to a running sha256 in another
+    while the caller produces the next ones (file writes and sha256 release the GIL): reading,
+    quantizing, writing and hashing overlap."""
 
-    def __init__(self, f) -> None:
-        self.digest = hashlib.sha256()
-        self.drains = [_Drain(f.write, "stepquant-write"), _Drain(self.digest.update, "stepquant-hash")]
+    def __init__(self, f, digest) -> None:
+        self.drains = [_Drain(f.write, "stepquant-write"), _Drain(digest.update, "stepquant-hash")]
 
     def put(self, chunk) -> None:
         for d in self.drains:
             d.put(chunk)
 
-    def finish(self) -> str:
-        """Wait for every chunk to be written and hashed; the sha256 of all of them."""
+    def finish(self) -> None:
+        """Wait for every chunk to be written and hashed."""
         for d in self.drains:
             d.join()
-        return self.digest.hexdigest()
 
     def __enter__(self) -> _Writer:
         return self
@@ -187,6 +191,134 @@ class _Writer:
         for d in self.drains:  # stop both before the file closes; on the producer's error drop the rest
             if d.thread.is_alive():
                 d.join(drop=exc_type is not None)
+
+
+def shard_layout(shard: list[OutTensor]) -> list[OutTensor]:
+    """A shard's tensors in file order: descending element size, which keeps every tensor aligned to
+    its own, then natural names; the late ones after all others where they stay aligned there (else in
+    their place, and the shard is written whole once they can be made)."""
+    key = lambda t: (-DTYPES[t.dtype][1], natural_key(t.name))  # noqa: E731
+    early = sorted((t for t in shard if not t.late), key=key)
+    late = sorted((t for t in shard if t.late), key=key)
+    if late and sum(t.nbytes for t in early) % DTYPES[late[0].dtype][1]:
+        return sorted(shard, key=key)
+    return early + late
+
+
+class _Stopped(Exception):
+    """The background writer was told to stop (the run failed elsewhere)."""
+
+
+class _ShardFile:
+    """One shard, as `NAME.tmp` in DST.partial until it is whole: `begin` writes it in file order up to
+    its first late tensor, `end` the rest; then it is synced, renamed, and its record returned."""
+
+    def __init__(self, folder: Path, name: str, tensors: list[OutTensor]) -> None:
+        self.name = name
+        self.order = shard_layout(tensors)
+        self.split = next((i for i, t in enumerate(self.order) if t.late), len(self.order))
+        self.tmp, self.path = folder / (name + ".tmp"), folder / name
+        self.digest = hashlib.sha256()
+        self.begun = False
+
+    def begin(self, bar: tqdm, hook: _FaultHook, stop: threading.Event | None = None) -> None:
+        header = build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in self.order], {"format": "pt"})
+        with open(self.tmp, "wb") as f:
+            self._write(f, header, self.order[: self.split], bar, hook, stop)
+        self.begun = True
+
+    def end(self, bar: tqdm, hook: _FaultHook) -> dict:
+        if not self.begun:
+            self.begin(bar, hook)
+        with open(self.tmp, "ab") as f:
+            self._write(f, b"", self.order[self.split :], bar, hook)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(self.tmp, self.path)
+        return {"bytes": size, "sha256": self.digest.hexdigest()}
+
+    def _write(self, f, head: bytes, tensors: list[OutTensor], bar: tqdm, hook: _FaultHook,
+               stop: threading.Event | None = None) -> None:  # fmt: skip
+        with _Writer(f, self.digest) as writer:
+            if head:
+                writer.put(head)
+            for t in tensors:
+                written = 0
+                for chunk in t.chunks():
+                    if stop is not None and stop.is_set():
+                        raise _Stopped
+                    writer.put(chunk)
+                    written += len(chunk)
+                    bar.update(len(chunk))
+                    hook.wrote(len(chunk))
+                if written != t.nbytes:
+                    raise StepquantError(f"tensor '{t.name}': produced {written} bytes, expected {t.nbytes}")
+            writer.finish()
+
+
+class ShardWriter:
+    """Writes tensors as the shards of an OutputDir (+ the index when more than one). `finish()` writes
+    them one after the other; `start()` first writes every shard up to its late tensors in a background
+    thread, so that work which the late ones wait for (the calibration) runs meanwhile, and `finish()`
+    then does the rest. As a context manager it stops that thread when the caller fails."""
+
+    def __init__(self, out: OutputDir, tensors: list[OutTensor], max_shard_size: int, desc: str = "writing") -> None:
+        shards = plan_shards(tensors, max_shard_size)
+        names = shard_names(len(shards))
+        self.out = out
+        self.total = sum(t.nbytes for t in tensors)
+        self.weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
+        self.indexed = len(shards) > 1
+        files = [_ShardFile(out.partial, n, s) for n, s in zip(names, shards)]
+        self.todo = [f for f in files if not out._done(f.name)]
+        self.bar = tqdm(total=self.total, unit="B", unit_scale=True, desc=desc, disable=None)
+        self.bar.update(self.total - sum(t.nbytes for f in self.todo for t in f.order))
+        self.hook = _FaultHook()
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> ShardWriter:
+        def run() -> None:
+            try:
+                for f in self.todo:
+                    f.begin(self.bar, self.hook, self.stop)
+            except _Stopped:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - raised to the caller by finish()
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="stepquant-shards", daemon=True)
+        self.thread.start()
+        return self
+
+    def finish(self) -> dict[str, str]:
+        """Write what is left of every shard, record each in the journal; tensor -> shard name."""
+        self._join()
+        for f in self.todo:
+            self.out.files[f.name] = f.end(self.bar, self.hook)
+            self.out._write_journal()
+        if self.indexed:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+            self.out.write_file(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+        return self.weight_map
+
+    def _join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+            if self.error is not None:
+                raise self.error
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        if exc_type is not None and self.thread is not None:
+            self.stop.set()
+            self.thread.join()
+        self.bar.close()
 
 
 class OutputDir:
@@ -284,50 +416,11 @@ class OutputDir:
         return rec is not None and path.is_file() and path.stat().st_size == rec["bytes"]
 
     # -- writing -----------------------------------------------------------------------------------
-    def write_shards(
-        self, tensors: list[OutTensor], max_shard_size: int, desc: str = "writing"
-    ) -> dict[str, str]:
-        """Write all tensors as shards (+ index when more than one); returns tensor -> shard name."""
-        shards = plan_shards(tensors, max_shard_size)
-        names = shard_names(len(shards))
-        total = sum(t.nbytes for t in tensors)
-        hook = _FaultHook()
-        weight_map: dict[str, str] = {}
-        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None) as bar:
-            for name, shard in zip(names, shards):
-                weight_map.update({t.name: name for t in shard})
-                if self._done(name):
-                    bar.update(sum(t.nbytes for t in shard))
-                    continue
-                self.files[name] = self._write_shard(name, shard, bar, hook)
-                self._write_journal()
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            self.write_file(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
-        return weight_map
-
-    def _write_shard(self, name: str, shard: list[OutTensor], bar: tqdm, hook: _FaultHook) -> dict:
-        # descending element size keeps every tensor aligned to its own element size
-        order = sorted(shard, key=lambda t: (-DTYPES[t.dtype][1], natural_key(t.name)))
-        header = build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in order], {"format": "pt"})
-        tmp = self.partial / (name + ".tmp")
-        with open(tmp, "wb") as f, _Writer(f) as writer:
-            writer.put(header)
-            for t in order:
-                written = 0
-                for chunk in t.chunks():
-                    writer.put(chunk)
-                    written += len(chunk)
-                    bar.update(len(chunk))
-                    hook.wrote(len(chunk))
-                if written != t.nbytes:
-                    raise StepquantError(f"tensor '{t.name}': produced {written} bytes, expected {t.nbytes}")
-            digest = writer.finish()
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        os.replace(tmp, self.partial / name)
-        return {"bytes": size, "sha256": digest}
+    def write_shards(self, tensors: list[OutTensor], max_shard_size: int, desc: str = "writing") -> dict[str, str]:
+        """Write all tensors as shards (+ index when more than one), one shard after the other; returns
+        tensor -> shard name."""
+        with ShardWriter(self, tensors, max_shard_size, desc) as writer:
+            return writer.finish()
 
     def write_file(self, name: str, data: bytes) -> None:
         _fsync_write(self.partial / name, data)

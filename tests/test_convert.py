@@ -1,13 +1,16 @@
 import json
+import threading
+import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from stepquant.checkpoint import open_checkpoint, tensor_differences
-from stepquant.convert import ConvertOptions, convert
+from stepquant.convert import ConvertOptions, convert, output_digest
 from stepquant.errors import StepquantError
 from stepquant.inspect import inspect_checkpoint
+from stepquant.quantize import Executor
 
 
 def test_naming_round_trip_is_byte_identical(demo_ckpt, tmp_path):
@@ -93,3 +96,32 @@ def test_source_is_never_modified(demo_ckpt, tmp_path):
     convert(demo_ckpt, tmp_path / "o", ConvertOptions(naming="sglang", max_shard_size="1MB"))
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in demo_ckpt.iterdir()}
     assert before == after
+
+
+def test_weights_are_written_while_the_calibration_runs(demo_ckpt, tmp_path, monkeypatch):
+    """The writer does not wait for the calibration: here the calibration starts only once every shard holds
+    all but its late scales (it would wait forever for a writer that waited for it), and the result
+    equals a run with the whole model in memory."""
+    import stepquant.convert as conv
+
+    real, seen = conv._calibrate, []
+
+    def calibrate(ckpt, prep, opts, state=None):
+        deadline = time.time() + 120
+        while any(t.name == "stepquant-shards" for t in threading.enumerate()) and time.time() < deadline:
+            time.sleep(0.02)
+        late = sum(t.nbytes for t in Executor(ckpt, prep.plan, None, "max").outputs() if t.late)
+        tmps = list((tmp_path / "a.partial").glob("*.tmp"))
+        seen.append((sum(p.stat().st_size for p in tmps), sum(nb for _, _, nb in prep.outputs.values()) - late))
+        return real(ckpt, prep, opts, state)
+
+    monkeypatch.setattr(conv, "_calibrate", calibrate)
+    opts = dict(recipe="step3p7-nvfp4-moe-only-kvfp8", calib_samples=4, calib_seq_len=32)
+    a = convert(demo_ckpt, tmp_path / "a", ConvertOptions(**opts))
+    written, early = seen[0]
+    assert written > early > 0  # headers and every tensor but the late ones
+    monkeypatch.setattr(conv, "_calibrate", real)
+    b = convert(demo_ckpt, tmp_path / "b", ConvertOptions(calib_mode="model", **opts))
+    da, db = output_digest(a), output_digest(b)
+    assert da.pop("stepquant.json") != db.pop("stepquant.json")  # the options differ: calib_mode
+    assert da == db

@@ -1,12 +1,15 @@
+import dataclasses
+import hashlib
 import json
 import os
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from stepquant.errors import StepquantError
-from stepquant.shards import INDEX_NAME, OutputDir, OutTensor, parse_size, plan_shards
+from stepquant.shards import INDEX_NAME, OutputDir, OutTensor, ShardWriter, parse_size, plan_shards, shard_layout
 
 
 def _out(name, t):
@@ -132,10 +135,93 @@ def test_a_failing_write_is_raised_and_leaves_no_shard(tmp_path, monkeypatch):
             return getattr(self.f, name)
 
     real = shards._Writer.__init__
-    monkeypatch.setattr(shards._Writer, "__init__", lambda self, f: real(self, Full(f)))
+    monkeypatch.setattr(shards._Writer, "__init__", lambda self, f, digest: real(self, Full(f), digest))
     t = torch.arange(64, dtype=torch.float32)
     with pytest.raises(OSError, match="No space left"):
         with OutputDir(tmp_path / "out", "fp") as out:
             out.write_shards([_out(f"t{i}", t) for i in range(4)], max_shard_size=1 << 20)
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "out.partial" / "model.safetensors").exists()
+
+
+def _late(name, t):
+    return dataclasses.replace(_out(name, t), late=True)
+
+
+def test_late_tensors_go_last_where_they_stay_aligned():
+    early = [_out("a.weight", torch.zeros(8, dtype=torch.uint8)), _out("a.norm", torch.zeros(2, dtype=torch.bfloat16))]
+    late = [_late("a.input_scale", torch.ones(1)), _late("a.weight_scale_2", torch.ones(1))]
+    order = [t.name for t in shard_layout(early + late)]
+    assert order == ["a.norm", "a.weight", "a.input_scale", "a.weight_scale_2"]
+    # 8 + 4 + 2 bytes before them would leave the F32 scales unaligned: element-size order, names within
+    odd = [*early, _out("a.bias", torch.zeros(1, dtype=torch.bfloat16))]
+    order = [t.name for t in shard_layout(odd + late)]
+    assert order == ["a.input_scale", "a.weight_scale_2", "a.bias", "a.norm", "a.weight"]
+
+
+def test_background_writer_writes_up_to_the_late_tensors_then_finishes(tmp_path):
+    """`start()` writes every shard up to its late tensors while the caller works (here: the late
+    values do not exist yet); `finish()` adds them; the shards load and the journal has their sha256."""
+    torch.manual_seed(0)
+    values: dict[str, torch.Tensor] = {}
+    big = {f"model.layers.{i}.w": torch.randn(16, 4) for i in range(3)}
+    late_names = [f"model.layers.{i}.w_scale" for i in range(3)]
+
+    def late_tensor(name):
+        def chunks():
+            yield values[name].numpy().tobytes()  # KeyError if made before the caller set it
+
+        return OutTensor(name, "F32", (), 4, chunks, late=True)
+
+    tensors = [_out(n, t) for n, t in big.items()] + [late_tensor(n) for n in late_names]
+    with OutputDir(tmp_path / "o", "fp") as out:
+        with ShardWriter(out, tensors, max_shard_size=300) as writer:
+            writer.start()
+            writer.thread.join(timeout=60)
+            tmps = sorted((tmp_path / "o.partial").glob("*.tmp"))
+            assert len(tmps) == 3 and not list((tmp_path / "o.partial").glob("*.safetensors"))
+            for p in tmps:  # header and the early tensor, nothing of the late one yet
+                n = int.from_bytes(p.read_bytes()[:8], "little")
+                assert p.stat().st_size == 8 + n + 16 * 4 * 4
+            values.update({n: torch.tensor(float(i + 1)) for i, n in enumerate(late_names)})
+            weight_map = writer.finish()
+        out.commit()
+    back = {}
+    for name in sorted(set(weight_map.values())):
+        path = tmp_path / "o" / name
+        back.update(load_file(path))
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == out.files[name]["sha256"]
+    assert all(torch.equal(back[n], t) for n, t in big.items())
+    assert [back[n].item() for n in late_names] == [1.0, 2.0, 3.0]
+
+
+def test_background_writer_stops_when_the_caller_fails(tmp_path):
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(1)
+            yield b"\0" * 4
+
+    tensors = [OutTensor("w", "F32", (1 << 20,), 4 << 20, endless), _late("s", torch.ones(1))]
+    with pytest.raises(RuntimeError, match="calibration failed"):
+        with OutputDir(tmp_path / "o", "fp") as out:
+            with ShardWriter(out, tensors, 10**9) as writer:
+                writer.start()
+                while not produced:
+                    time.sleep(0.01)
+                raise RuntimeError("calibration failed")
+    assert not writer.thread.is_alive() and len(produced) < 1 << 20
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial" / "model.safetensors").exists()
+
+
+def test_background_writer_error_reaches_finish(tmp_path):
+    def broken():
+        yield b"\0" * 4
+        raise StepquantError("tensor 'w': NaN or Inf")
+
+    with OutputDir(tmp_path / "o", "fp") as out:
+        with ShardWriter(out, [OutTensor("w", "F32", (2,), 8, broken)], 10**9) as writer:
+            writer.start()
+            with pytest.raises(StepquantError, match="NaN or Inf"):
+                writer.finish()
