@@ -239,17 +239,15 @@ def coverage_png(expert_tokens: dict[str, torch.Tensor]) -> bytes:
     experts that got none stand out in white)."""
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
 
     layers = sorted(expert_tokens, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")])
     counts = torch.stack([expert_tokens[n].float() for n in layers]).numpy()
     masked = counts.copy()
     masked[masked == 0] = float("nan")
-    fig, ax = plt.subplots(figsize=(min(16, 2 + counts.shape[1] / 12), 1.5 + 0.25 * len(layers)), dpi=100)
+    fig = Figure(figsize=(min(16, 2 + counts.shape[1] / 12), 1.5 + 0.25 * len(layers)), dpi=100)
+    ax = fig.subplots()
     im = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap="viridis",
                    norm=LogNorm(vmin=1, vmax=max(1.0, float(counts.max()))))  # fmt: skip
     ax.set_yticks(range(len(layers)), [n.rsplit(".", 1)[-1] for n in layers])
@@ -259,7 +257,6 @@ def coverage_png(expert_tokens: dict[str, torch.Tensor]) -> bytes:
     fig.colorbar(im, ax=ax, label="tokens")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 

@@ -8,8 +8,10 @@ changes.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -175,6 +177,8 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None
                 if _needs_calibration(prep):
                     # the weights are quantized and written meanwhile: only the late scales need the statistics
                     writer.start()
+                    if prep.plan.experts:  # the coverage heat map's plotting library, imported meanwhile too
+                        threading.Thread(target=importlib.import_module, args=("matplotlib.figure",), daemon=True).start()
                     t0 = time.time()  # deterministic, so a resumed run recalibrates to the same scales
                     acts = executor.acts = _calibrate(ckpt, prep, opts, out.scratch("calibration"))
                     timings["calibration_seconds"] = round(time.time() - t0, 3)

@@ -137,8 +137,17 @@ class Executor:
 
     def weight_amax(self, module: str) -> torch.Tensor:
         if module not in self._amax:
-            self._amax[module] = self.linear_weight(self.by_module[module]).float().abs().amax()
+            self._device_weight(self.by_module[module])
         return self._amax[module]
+
+    def _device_weight(self, lin: Linear) -> torch.Tensor:
+        """`lin`'s weight on the device; its amax (taken there) recorded, non-finite weights refused."""
+        w = self.linear_weight(lin, check=False).to(self.device)
+        amax = w.abs().amax().float().cpu()  # NaN and Inf propagate into the amax
+        if not torch.isfinite(amax):
+            raise StepquantError(f"tensor '{lin.parts['weight']}': NaN or Inf in the weight (--allow-nonfinite keeps it unquantized)")
+        self._amax[lin.module] = amax
+        return w
 
     def _group(self, lin: Linear) -> list[Linear]:
         for pattern, members in FUSION:
@@ -181,14 +190,14 @@ class Executor:
     def _group_amax(self, lin: Linear) -> torch.Tensor:
         """The weight amax that `lin`'s scales follow from: its fusion group's where the format shares it."""
         group = self._group(lin) if lin.fmt_out.shares_fusion_amax else [lin]
-        return torch.stack([self.weight_amax(g.module) for g in group]).amax()
+        with self._on_stream():
+            return torch.stack([self.weight_amax(g.module) for g in group]).amax()
 
     def quantize_linear(self, lin: Linear) -> dict[str, torch.Tensor]:
         """The quantized weight and its scales (input_scale is not here: `_linear_scales` makes it)."""
-        w = self.linear_weight(lin)
-        self._amax.setdefault(lin.module, w.float().abs().amax())  # its group's members need it too
         with self._on_stream():
-            out = {s: t.cpu() for s, t in lin.fmt_out.quantize(w.to(self.device), self._group_amax(lin)).items()}
+            w = self._device_weight(lin)
+            out = {s: t.cpu() for s, t in lin.fmt_out.quantize(w, self._group_amax(lin)).items()}
         return _checked(out, lin.module)
 
     def _linear_scales(self, lin: Linear) -> dict[str, torch.Tensor]:
