@@ -118,26 +118,12 @@ def _recording(model: torch.nn.Module, stats: CalibStats, all_experts: bool = Fa
             handles.append(m.register_forward_pre_hook(linear_hook))
 
     experts = {m: names[m] for m in model.modules() if _is_fused_experts(m)}
-    active: list[tuple[torch.nn.Module, list]] = []  # the experts module running now, and its toggle state
+    active: list[_ExpertPass] = []  # the experts module forward running now
     orig_linear = F.linear
 
     def linear(input, weight, bias=None):
         if active:
-            module, state = active[-1]
-            name = experts[module]
-            base = module.gate_up_proj
-            n = module.gate_up_proj.shape[0]
-            if not state[0]:
-                e = (weight.storage_offset() - base.storage_offset()) // base.stride(0)
-                if weight.untyped_storage().data_ptr() != base.untyped_storage().data_ptr() or not 0 <= e < n:
-                    raise StepquantError(f"{name}: cannot tell which expert a projection belongs to")
-                state[1] = e
-                _vec_update(stats.experts_in, name, n, e, _amax(input))
-                rows = input.reshape(-1, input.shape[-1]).shape[0]
-                _vec_add(stats.expert_seen if state[2] else stats.expert_tokens, name, n, e, rows)
-            else:
-                _vec_update(stats.experts_mid, name, n, state[1], _amax(input))
-            state[0] = not state[0]
+            active[-1].saw(input, weight)
         return orig_linear(input, weight, bias)
 
     def pre(module, args, kwargs):
@@ -145,15 +131,15 @@ def _recording(model: torch.nn.Module, stats: CalibStats, all_experts: bool = Fa
             hidden = args[0] if args else kwargs["hidden_states"]
             tokens, n = hidden.reshape(-1, hidden.shape[-1]).shape[0], module.gate_up_proj.shape[0]
             every = torch.arange(n, device=hidden.device).expand(tokens, n)
-            active.append((module, [False, 0, True]))
+            active.append(_ExpertPass(module, experts[module], seen=True))
             try:
                 module.forward(hidden, every, torch.zeros(every.shape, dtype=hidden.dtype, device=hidden.device))
             finally:
-                active.pop()
-        active.append((module, [False, 0, False]))
+                active.pop().into(stats)
+        active.append(_ExpertPass(module, experts[module], seen=False))
 
     def post(module, args, kwargs, out):
-        active.pop()
+        active.pop().into(stats)
 
     for m in experts:
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
@@ -211,14 +197,52 @@ def wrapped_attention(model: torch.nn.Module, before):
             c._attn_implementation = prev
 
 
-def _vec_update(store: dict, key: str, n: int, e: int, value: torch.Tensor) -> None:
-    vec = store.setdefault(key, torch.zeros(n, dtype=torch.float32, device=value.device))
-    vec[e] = torch.maximum(vec[e], value)
+class _ExpertPass:
+    """One forward of a fused experts module, seen through its F.linear calls: they alternate gate_up
+    (whose weight, a view of `gate_up_proj`, tells the expert) and down. Per expert the amax of both
+    inputs and the rows routed; two operations a call, gathered into the [E] statistics when it ends.
+    `seen`: the --calib-all-experts pass, whose rows count as seen, not routed."""
 
+    def __init__(self, module: torch.nn.Module, name: str, seen: bool) -> None:
+        self.module, self.name, self.seen = module, name, seen
+        base = module.gate_up_proj
+        self.n = base.shape[0]
+        self.inp = torch.zeros(self.n, dtype=torch.float32, device=base.device)
+        self.mid = torch.zeros(self.n, dtype=torch.float32, device=base.device)
+        self.rows = [0] * self.n
+        self.done: tuple[set[int], set[int]] = (set(), set())  # experts already in inp, in mid
+        self.down_next, self.expert, self.calls = False, 0, 0
 
-def _vec_add(store: dict, key: str, n: int, e: int, count: int) -> None:
-    vec = store.setdefault(key, torch.zeros(n, dtype=torch.int64))
-    vec[e] += count
+    def saw(self, input: torch.Tensor, weight: torch.Tensor) -> None:
+        self.calls += 1
+        if self.down_next:
+            self._put(self.mid, self.done[1], self.expert, input)
+        else:
+            base = self.module.gate_up_proj
+            e = (weight.storage_offset() - base.storage_offset()) // base.stride(0)
+            if weight.untyped_storage().data_ptr() != base.untyped_storage().data_ptr() or not 0 <= e < self.n:
+                raise StepquantError(f"{self.name}: cannot tell which expert a projection belongs to")
+            self.expert = e
+            self._put(self.inp, self.done[0], e, input)
+            self.rows[e] += input.reshape(-1, input.shape[-1]).shape[0]
+        self.down_next = not self.down_next
+
+    @staticmethod
+    def _put(vec: torch.Tensor, done: set[int], e: int, input: torch.Tensor) -> None:
+        """vec[e] = max(vec[e], max |input|); the eager loop calls each expert once, so mostly a plain store."""
+        if input.numel():
+            amax = torch.linalg.vector_norm(input.detach(), float("inf"))
+            vec[e] = torch.maximum(vec[e], amax.float()) if e in done else amax
+            done.add(e)
+
+    def into(self, stats: CalibStats) -> None:
+        if not self.calls:
+            return
+        _update(stats.experts_in, self.name, self.inp)
+        _update(stats.experts_mid, self.name, self.mid)
+        store = stats.expert_seen if self.seen else stats.expert_tokens
+        rows = torch.tensor(self.rows, dtype=torch.int64)
+        store[self.name] = store[self.name] + rows if self.name in store else rows
 
 
 def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor], all_experts: bool = False) -> CalibStats:

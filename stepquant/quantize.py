@@ -265,18 +265,25 @@ class Executor:
         fmt = ex.fmt_out
         keys = self._pair(ex, key)
         out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
+        bad: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}  # per scale: NaN/Inf/zero seen, on the device
         shared_all = torch.empty(ex.num, dtype=torch.float32)
+        pinned = self._stream is not None  # then the copies out are asynchronous, waited for once at the end
         with self._on_stream():
             for batch, ws, shared in self._expert_batches(ex, keys):
                 shared_all[batch.start : batch.stop] = shared
                 for k, w in ws.items():
-                    for s, t in fmt.quantize_stacked(w, shared).items():  # into one host tensor per suffix
+                    parts = fmt.quantize_stacked(w, shared)
+                    for s, flag in _scale_flags(parts).items():
+                        bad[k][s] = bad[k][s] | flag if s in bad[k] else flag
+                    for s, t in parts.items():  # into one host tensor per suffix
                         if s not in out[k]:
-                            out[k][s] = torch.empty((ex.num, *t.shape[1:]), dtype=t.dtype)
-                        out[k][s][batch.start : batch.stop].copy_(t)
+                            out[k][s] = torch.empty((ex.num, *t.shape[1:]), dtype=t.dtype, pin_memory=pinned)
+                        out[k][s][batch.start : batch.stop].copy_(t, non_blocking=pinned)
+            if pinned:
+                torch.cuda.current_stream().synchronize()
         for k in keys:  # input_scale is not here: the writer takes it, like the amax scales, from _expert_scales
             self._expert_amax[(ex.layer, k)] = shared_all
-            _checked(out[k], f"{ex.layer} experts {k}")
+            _checked(out[k], f"{ex.layer} experts {k}", bad[k])
         for k in keys:
             if k != key:
                 self._cached(("ex", ex.layer, k), lambda k=k: out[k])
@@ -494,12 +501,20 @@ def _lazy(name: str, dtype: str, shape, get: Callable[[], dict], suffix: str,
     return OutTensor(name, dtype, tuple(shape), _nbytes(dtype, shape), chunks, late)
 
 
-def _checked(parts: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """Refuse NaN/Inf/zero scales: engines load them silently and produce garbage."""
+def _scale_flags(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per scale tensor of `parts`, whether it holds NaN, Inf or zero: a bool on its device (no sync)."""
+    flags = {}
     for s, t in parts.items():
         if "scale" in s or s == "s":
             f = t.float()
-            if not torch.isfinite(f).all() or (f == 0).any():
-                raise StepquantError(f"{where}: {s} would be NaN, Inf or zero; refusing to write it")
-    return parts
+            flags[s] = (~torch.isfinite(f) | (f == 0)).any()
+    return flags
 
+
+def _checked(parts: dict[str, torch.Tensor], where: str, flags: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Refuse NaN/Inf/zero scales: engines load them silently and produce garbage. `flags`: from
+    `_scale_flags`, when they were taken already (on the device, batch by batch)."""
+    for s, flag in (_scale_flags(parts) if flags is None else flags).items():
+        if flag:
+            raise StepquantError(f"{where}: {s} would be NaN, Inf or zero; refusing to write it")
+    return parts

@@ -172,8 +172,19 @@ class _Writer:
     while the caller produces the next ones (file writes and sha256 release the GIL): reading,
     quantizing, writing and hashing overlap."""
 
+    SYNC_BYTES = 256 << 20  # synced as it grows, so the disk works meanwhile and the last fsync is short
+
     def __init__(self, f, digest) -> None:
-        self.drains = [_Drain(f.write, "stepquant-write"), _Drain(digest.update, "stepquant-hash")]
+        self.f, self.unsynced = f, 0
+        self.drains = [_Drain(self._write, "stepquant-write"), _Drain(digest.update, "stepquant-hash")]
+
+    def _write(self, chunk) -> None:
+        self.f.write(chunk)
+        self.unsynced += len(chunk)
+        if self.unsynced >= self.SYNC_BYTES:
+            self.f.flush()
+            os.fdatasync(self.f.fileno())
+            self.unsynced = 0
 
     def put(self, chunk) -> None:
         for d in self.drains:
