@@ -8,7 +8,7 @@ expert index is recovered from the weight slice's storage offset into the 3-D pa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,9 +245,10 @@ class _ExpertPass:
         store[self.name] = store[self.name] + rows if self.name in store else rows
 
 
-def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor], all_experts: bool = False) -> CalibStats:
+def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor], all_experts: bool = False,
+              check: Callable[[], None] | None = None) -> CalibStats:  # fmt: skip
     """Feed token batches ([B, T] ids) through the model in order; max-calibrate every input (with
-    `all_experts`, every expert's inputs over all tokens)."""
+    `all_experts`, every expert's inputs over all tokens). `check`: called after every batch, raises to stop."""
     stats = CalibStats()
     device = next(model.parameters()).device
     with torch.no_grad(), _recording(model, stats, all_experts):
@@ -255,6 +256,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor], all_exper
             model(input_ids=ids.to(device), use_cache=False)
             stats.batches += 1
             stats.tokens += ids.numel()
+            if check is not None:
+                check()
     return stats.cpu()
 
 

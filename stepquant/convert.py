@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions | None = None
                     if prep.plan.experts:  # the coverage heat map's plotting library, imported meanwhile too
                         threading.Thread(target=importlib.import_module, args=("matplotlib.figure",), daemon=True).start()
                     t0 = time.time()  # deterministic, so a resumed run recalibrates to the same scales
-                    acts = executor.acts = _calibrate(ckpt, prep, opts, out.scratch("calibration"))
+                    acts = executor.acts = _calibrate(ckpt, prep, opts, out.scratch("calibration"), writer.check)
                     timings["calibration_seconds"] = round(time.time() - t0, 3)
                 executor.check_calibration()
                 _warn_uncovered(acts)
@@ -214,10 +215,12 @@ def _calibrate_share(src: str | Path, dst: str | Path, opts: ConvertOptions) -> 
             _calibrate(ckpt, prep, opts, Path(dst).with_name(Path(dst).name + ".partial") / SCRATCH / "calibration")
 
 
-def _calibrate(ckpt: Checkpoint, prep: Prepared, opts: ConvertOptions, state: Path | None = None) -> Activations:
+def _calibrate(ckpt: Checkpoint, prep: Prepared, opts: ConvertOptions, state: Path | None = None,
+               check: Callable[[], None] | None = None) -> Activations:  # fmt: skip
     """Calibration statistics in canonical names, layer-streamed (resumable through `state`) or with the
     whole model in memory: the same numbers either way. Among several ranks, each calibrates its share of
-    the batches and all get the combined statistics."""
+    the batches and all get the combined statistics. `check` is called between layers (or batches) and
+    raises to stop."""
     from . import distributed
     from .calibrate import calibrate, finite_weights, load_batches, load_model, to_canonical
 
@@ -237,13 +240,13 @@ def _calibrate(ckpt: Checkpoint, prep: Prepared, opts: ConvertOptions, state: Pa
     if opts.calib_mode == "model":
         model = load_model(ckpt.root, ckpt.config, device, opts.trust_remote_code)
         finite_weights(model, opts.allow_nonfinite)
-        stats = calibrate(model, mine, opts.calib_all_experts)
+        stats = calibrate(model, mine, opts.calib_all_experts, check)
     elif opts.calib_mode == "layers":
         from .layerwise import build_meta_model, calibrate_layers
 
         model = build_meta_model(ckpt.root, ckpt.config, trust_remote_code=opts.trust_remote_code)
         reader = Executor(ckpt, prep.plan, None, r.expert_input_scale, device)  # stages experts for it
-        stats = calibrate_layers(model, reader, mine, device, opts.calib_all_experts, state, opts.allow_nonfinite)
+        stats = calibrate_layers(model, reader, mine, device, opts.calib_all_experts, state, opts.allow_nonfinite, check)
     else:
         raise StepquantError(f"--calib-mode {opts.calib_mode!r}: expected 'layers' or 'model'")
     del model

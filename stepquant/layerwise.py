@@ -315,11 +315,12 @@ def _hidden_device(device: torch.device, total: int, layer_bytes: int) -> torch.
 
 
 def calibrate_layers(model: torch.nn.Module, executor: Executor, batches: list[torch.Tensor], device: str = "cpu",
-                     all_experts: bool = False, state: Path | None = None,
-                     allow_nonfinite: bool = False) -> CalibStats:  # fmt: skip
+                     all_experts: bool = False, state: Path | None = None, allow_nonfinite: bool = False,
+                     check: Callable[[], None] | None = None) -> CalibStats:  # fmt: skip
     """Max-calibrate `model` (built by `build_meta_model`) on `batches`, one decoder layer in memory at a
     time, weights from `executor`'s checkpoint and plan. Same statistics as `calibrate.calibrate`.
-    `state`: a folder for the between-layer saves that let an interrupted run resume."""
+    `state`: a folder for the between-layer saves that let an interrupted run resume. `check`: called
+    after every layer, raises to stop (the writer beside it failed)."""
     dev = torch.device(device)
     dtype = next(model.parameters()).dtype
     dec, _, layers = _decoder(model)
@@ -362,6 +363,8 @@ def calibrate_layers(model: torch.nn.Module, executor: Executor, batches: list[t
                 last_save, save_cost = time.monotonic(), time.monotonic() - t0
             if i == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if check is not None:
+                check()
         bar.close()
         _final_norm(model, dec, loader, stats, hidden, dev)
     return stats.cpu()

@@ -316,6 +316,12 @@ class ShardWriter:
             self.out.write_file(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
         return self.weight_map
 
+    def check(self) -> None:
+        """Raise the background thread's error now if it has failed: a long calibration beside it stops
+        at its next step instead of at its end."""
+        if self.error is not None:
+            raise self.error
+
     def _join(self) -> None:
         if self.thread is not None:
             self.thread.join()

@@ -106,14 +106,14 @@ def test_weights_are_written_while_the_calibration_runs(demo_ckpt, tmp_path, mon
 
     real, seen = conv._calibrate, []
 
-    def calibrate(ckpt, prep, opts, state=None):
+    def calibrate(ckpt, prep, opts, state=None, check=None):
         deadline = time.time() + 120
         while any(t.name == "stepquant-shards" for t in threading.enumerate()) and time.time() < deadline:
             time.sleep(0.02)
         late = sum(t.nbytes for t in Executor(ckpt, prep.plan, None, "max").outputs() if t.late)
         tmps = list((tmp_path / "a.partial").glob("*.tmp"))
         seen.append((sum(p.stat().st_size for p in tmps), sum(nb for _, _, nb in prep.outputs.values()) - late))
-        return real(ckpt, prep, opts, state)
+        return real(ckpt, prep, opts, state, check)
 
     monkeypatch.setattr(conv, "_calibrate", calibrate)
     opts = dict(recipe="step3p7-nvfp4-moe-only-kvfp8", calib_samples=4, calib_seq_len=32)
@@ -125,3 +125,33 @@ def test_weights_are_written_while_the_calibration_runs(demo_ckpt, tmp_path, mon
     da, db = output_digest(a), output_digest(b)
     assert da.pop("stepquant.json") != db.pop("stepquant.json")  # the options differ: calib_mode
     assert da == db
+
+
+def test_a_writer_failure_stops_the_calibration_at_its_next_layer(demo_ckpt, tmp_path, monkeypatch):
+    """The background writer fails (here: quantizing experts) while the calibration runs: its error stops
+    the calibration after the layer it is in, instead of after the last, and reaches the caller."""
+    import stepquant.layerwise as lw
+    from stepquant.quantize import Executor as Ex
+
+    failed, loaded = threading.Event(), []
+
+    def broken(self, ex, key):
+        failed.set()
+        raise StepquantError(f"experts of {ex.layer}: disk on fire")
+
+    real_load = lw.LayerLoader.load
+
+    def load(self, module):
+        name = self.names[module]
+        if ".layers." in name:
+            loaded.append(name)
+            if len(loaded) == 2:  # the writer has failed before the second layer runs, at the latest
+                assert failed.wait(60)
+        return real_load(self, module)
+
+    monkeypatch.setattr(Ex, "quantize_experts", broken)
+    monkeypatch.setattr(lw.LayerLoader, "load", load)
+    with pytest.raises(StepquantError, match="disk on fire"):
+        convert(demo_ckpt, tmp_path / "o", ConvertOptions(recipe="step3p7-nvfp4-moe-only-kvfp8", calib_samples=2, calib_seq_len=16))
+    assert len(loaded) <= 2  # of the demo's 4: stopped after the layer in which the writer failed
+    assert not (tmp_path / "o").exists()
