@@ -236,6 +236,7 @@ class _ShardFile:
         header = build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in self.order], {"format": "pt"})
         with open(self.tmp, "wb") as f:
             self._write(f, header, self.order[: self.split], bar, hook, stop)
+            f.flush()
             os.fsync(f.fileno())  # here, so that `end` only syncs the late bytes
         self.begun = True
 
