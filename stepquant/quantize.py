@@ -252,7 +252,7 @@ class Executor:
             for k, a in amax.items():
                 if not torch.isfinite(a).all():
                     e = batch[int((~torch.isfinite(a)).nonzero()[0])]
-                    raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {k}")
+                    raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {k} (--allow-nonfinite keeps them unquantized)")
             yield batch, ws, torch.stack(list(amax.values())).amax(0)
 
     def _pair(self, ex: Experts, key: str) -> tuple[str, ...]:
