@@ -327,8 +327,7 @@ class ShardWriter:
         if self.thread is not None:
             self.thread.join()
             self.thread = None
-            if self.error is not None:
-                raise self.error
+            self.check()
 
     def __enter__(self) -> ShardWriter:
         return self
