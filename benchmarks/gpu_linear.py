@@ -64,9 +64,10 @@ def _split(m: int, n: int, k: int, bm: int, bn: int, bk: int, fill: int) -> int:
     return split
 
 
-def sweep(one_row_only: bool = False) -> list[dict]:
-    """GEMV tilings at M = 1 and 16: which (BM, BN, BK, warps, splits, stages) is fastest, and where
-    the GEMV kernel and the dequantize + cuBLAS path cross."""
+def sweep(which: str = "all") -> list[dict]:
+    """GEMV tilings (w4a16): the one-row FMA kernel at M = 1 and the MMA kernel at M = 16 (`which`:
+    one-row, mma or all) -- which (BM, BN, BK, warps, splits, stages) is fastest -- and (all) where the
+    GEMV kernel and the dequantize + cuBLAS path cross."""
     rows = []
     for name in ("expert gate 1280x4096", "expert down 4096x1280", "attn o 4096x8192", "attn q (full) 8192x4096"):
         n, k = SHAPES[name]
@@ -75,32 +76,30 @@ def sweep(one_row_only: bool = False) -> list[dict]:
         ws = [w] + [w.clone() for _ in range(c16 - 1)]
         lins = [NVFP4Weight.from_parts(p["weight"].clone(), p["weight_scale"].clone(), p["weight_scale_2"], torch.tensor(0.01))
                 for _ in range(c4)]
-        for m in (1,) if one_row_only else (1, 16):
+        configs = {1: [], 16: []}
+        if which in ("all", "one-row"):
+            for bn in (8, 16, 32):
+                for warps in (1, 2, 4):
+                    for stages in (4, 6):
+                        for fill in (0, 512):
+                            configs[1].append((1, bn, 256, warps, _split(1, n, k, 1, bn, 128, fill), stages))
+        if which in ("all", "mma"):
+            for bn, warps in ((32, 2), (64, 4), (128, 4)):
+                for bk in (128, 256):
+                    for split in (1, 2, 8):
+                        for stages in (3, 4, 6):
+                            configs[16].append((16, bn, bk, warps, split, stages))
+        for m, cfgs in configs.items():
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-            bf = graph_time(lambda i: x @ ws[i % c16].T, reps=max(20, c16))
-            bm = 8 if m <= 8 else 16
-            for bn, bk, warps in () if one_row_only else ((32, 128, 2), (64, 128, 4), (128, 128, 4), (32, 256, 2), (64, 256, 2), (64, 256, 4)):
-                for fill in (264, 528, 1056):
-                    for stages in (3, 4):
-                        cfg = (bm, bn, bk, warps, _split(m, n, k, bm, bn, bk, fill), stages)
-                        try:
-                            ms = graph_time(lambda i: nvfp4_linear(x, lins[i % c4], "w4a16", config=cfg), reps=max(20, c4))
-                        except Exception as exc:  # noqa: BLE001 - a tiling that does not compile or fit
-                            rows.append({"shape": name, "M": m, "config": cfg, "error": f"{type(exc).__name__}: {exc}"[:200]})
-                            continue
-                        rows.append({"shape": name, "M": m, "config": cfg, "ms": ms, "x_bf16": bf / ms})
-            if m == 1:  # the one-row FMA kernel
-                for bn in (16, 32, 64):
-                    for bk in (128, 256, 512):
-                        for warps in (1, 2, 4):
-                            for fill in (528, 1024, 2048):
-                                split = 1
-                                while triton.cdiv(n, bn) * split < fill and k // (split * 2) >= bk:
-                                    split *= 2
-                                cfg = (1, bn, bk, warps, split, 1)
-                                ms = graph_time(lambda i: nvfp4_linear(x, lins[i % c4], "w4a16", config=cfg), reps=max(20, c4))
-                                rows.append({"shape": name, "M": m, "config": cfg, "ms": ms, "x_bf16": bf / ms})
-        for m in () if one_row_only else (32, 64, 128, 256):
+            bf = graph_time(lambda i: x @ ws[i % c16].T, reps=max(20, c16)) if cfgs else 0.0
+            for cfg in dict.fromkeys(cfgs):
+                try:
+                    ms = graph_time(lambda i: nvfp4_linear(x, lins[i % c4], "w4a16", config=cfg), reps=max(20, c4))
+                except Exception as exc:  # noqa: BLE001 - a tiling that does not compile or fit
+                    rows.append({"shape": name, "M": m, "config": cfg, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                    continue
+                rows.append({"shape": name, "M": m, "config": cfg, "ms": ms, "x_bf16": bf / ms})
+        for m in (32, 64, 128, 256) if which == "all" else ():
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             bf = graph_time(lambda i: x @ ws[i % c16].T, reps=max(20, c16))
             cfg = _gemv_blocks(m, n, k)
@@ -115,7 +114,8 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--sweep-one-row", action="store_true", help="sweep only the one-row (M = 1) FMA kernel's tilings")
+    ap.add_argument("--sweep", choices=("all", "one-row", "mma"), default="all",
+                    help="which tilings to sweep: the one-row kernel's (M = 1), the MMA kernel's (M = 16), or both and the crossover")
     args = ap.parse_args()
     dev = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
@@ -131,7 +131,7 @@ def main() -> None:
     for r in sp:
         print(f"| {r['shape']} | {r['M']} | {r['mode']} | {r['ms']:.4f} | {r['bf16_ms']:.4f} | {r['speedup_vs_bf16']:.2f} "
               f"| {r['gb_s']:.0f} | {r['pct_copy']:.0f}% | {r['tflops']:.1f} |")
-    sw = [] if args.no_sweep else sweep(args.sweep_one_row)
+    sw = [] if args.no_sweep else sweep(args.sweep)
     best = {}
     for r in sw:
         key = (r["shape"], r["M"])

@@ -52,9 +52,10 @@ def hot_loop(cubin: bytes) -> list[str]:
 
 def main() -> None:
     print("| BM | BN | BK | warps | loop instructions | per weight element | top opcodes |\n|---|---|---|---|---|---|---|")
-    for bm, bn, bk, warps in ((8, 32, 128, 2), (16, 64, 128, 4), (16, 64, 64, 4), (16, 128, 64, 4), (1, 32, 256, 2)):
-        const = {"ALPHA_IDX": 0, "ASM": True, "EVEN_N": True, "BM": bm, "BN": bn, "BK": bk, "FMA": bm == 1}  # BM 1: one-row kernel
-        k = compile_sm90(linear._nvfp4_gemv_kernel, SIG, const, warps, 1 if bm == 1 else 3)
+    for bm, bn, bk, warps in ((8, 32, 128, 2), (16, 64, 128, 4), (16, 64, 64, 4), (16, 128, 64, 4), (1, 16, 256, 2), (1, 8, 256, 2)):
+        stages = 5 if bm == 1 else 3  # BM 1: the one-row kernel, its loop pipelined by tl.range
+        const = {"ALPHA_IDX": 0, "ASM": True, "EVEN_N": True, "BM": bm, "BN": bn, "BK": bk, "FMA": bm == 1, "STAGES": stages}
+        k = compile_sm90(linear._nvfp4_gemv_kernel, SIG, const, warps, stages)
         body = hot_loop(k.asm["cubin"])
         ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
         per = len(body) / (bn * bk / (32 * warps))

@@ -61,26 +61,31 @@ def _fp4_bits_to_f32(code):
 
 
 # Eight E2M1 codes (one int32 word of the packed weight: element i in nibble i) and an E4M3 block-scale
-# byte -> four bf16 pairs in K order, each exactly `code x scale x 2^-8` (the 2^-8 goes into alpha).
-# Magnitudes are looked up in byte tables with prmt, the sign bits moved with prmt + lop3, the scale
-# made from its fp16 bits ((bits & 0x7F) << 7 is scale x 2^-8 as an fp16, subnormals included), then
-# one bf16x2 multiply per pair: about 3 instructions per weight element.
-_CODES = """
-mov.b32 tla, 0xC0800000; mov.b32 tlb, 0xC0804000; mov.b32 tha, 0x3F3F3F00; mov.b32 thb, 0x40404040;
-and.b32 s0, $4, 0x7777; shr.b32 s1, $4, 16; and.b32 s1, s1, 0x7777; shl.b32 sh, $4, 4;
-prmt.b32 l, tla, tlb, s0; prmt.b32 h, tha, thb, s0; prmt.b32 $0, l, h, 0x5140; prmt.b32 $1, l, h, 0x7362;
-prmt.b32 l, tla, tlb, s1; prmt.b32 h, tha, thb, s1; prmt.b32 $2, l, h, 0x5140; prmt.b32 $3, l, h, 0x7362;
-prmt.b32 p, sh, $4, 0x4000; lop3.b32 $0, $0, p, 0x80008000, 0xF8;
-prmt.b32 p, sh, $4, 0x5010; lop3.b32 $1, $1, p, 0x80008000, 0xF8;
-prmt.b32 p, sh, $4, 0x6020; lop3.b32 $2, $2, p, 0x80008000, 0xF8;
-prmt.b32 p, sh, $4, 0x7030; lop3.b32 $3, $3, p, 0x80008000, 0xF8;
-"""
-_DECODE_PTX = tl.constexpr("""{
-.reg .b32 s0, s1, l, h, tla, tlb, tha, thb, sh, p, ss, t;
+# byte -> four bf16 pairs, each value exactly `code x scale x 2^-8` (the 2^-8 goes into alpha). A code's
+# sign and magnitude bits are moved into a bf16's sign and lowest exponent/mantissa bits, which makes
+# the value x 2^-126 (0.5 lands on the bf16 subnormal 2^-127); elements j and j + 4 move by the same
+# shifts, so pair j holds elements (j, j + 4). Then one bf16x2 multiply by the scale x 2^118 (its E4M3
+# bits as an fp16, subnormals included, widened and x 2^126 in fp32): every product has at most 6
+# significant bits, so it is exact. About 3 instructions per weight element, no tables.
+_PAIRS = """
+.reg .b32 m, s, t, u, ss;
 .reg .b16 t16, u16;
 .reg .f32 f;
-shl.b32 t, $5, 7; and.b32 t, t, 0x3F80; mov.b32 {t16, u16}, t; cvt.f32.f16 f, t16; mov.b32 t, f;
-prmt.b32 ss, t, t, 0x3232;""" + _CODES + """mul.rn.bf16x2 $0, $0, ss; mul.rn.bf16x2 $1, $1, ss; mul.rn.bf16x2 $2, $2, ss; mul.rn.bf16x2 $3, $3, ss;
+shl.b32 t, $5, 7; and.b32 t, t, 0x3F80; mov.b32 {t16, u16}, t; cvt.f32.f16 f, t16; mul.f32 f, f, 0f7E800000;
+mov.b32 t, f; prmt.b32 ss, t, t, 0x3232;
+shl.b32 m, $4, 6; shl.b32 s, $4, 12; and.b32 m, m, 0x01C001C0; lop3.b32 $0, m, s, 0x80008000, 0xF8;
+shl.b32 m, $4, 2; shl.b32 s, $4, 8; and.b32 m, m, 0x01C001C0; lop3.b32 $1, m, s, 0x80008000, 0xF8;
+shr.b32 m, $4, 2; shl.b32 s, $4, 4; and.b32 m, m, 0x01C001C0; lop3.b32 $2, m, s, 0x80008000, 0xF8;
+shr.b32 m, $4, 6; and.b32 m, m, 0x01C001C0; lop3.b32 $3, m, $4, 0x80008000, 0xF8;
+"""
+_DECODE_PTX = tl.constexpr("{" + _PAIRS + """
+mul.rn.bf16x2 $0, $0, ss; mul.rn.bf16x2 $1, $1, ss; mul.rn.bf16x2 $2, $2, ss; mul.rn.bf16x2 $3, $3, ss;
+}""")
+# The same, re-paired with prmt into adjacent elements (0, 1), (2, 3), (4, 5), (6, 7): how the MMA's operand
+# registers hold them.
+_DECODE_ADJACENT_PTX = tl.constexpr("{" + _PAIRS + """
+mul.rn.bf16x2 m, $0, ss; mul.rn.bf16x2 s, $1, ss; mul.rn.bf16x2 t, $2, ss; mul.rn.bf16x2 u, $3, ss;
+prmt.b32 $0, m, s, 0x5410; prmt.b32 $1, t, u, 0x5410; prmt.b32 $2, m, s, 0x7632; prmt.b32 $3, t, u, 0x7632;
 }""")
 
 
@@ -92,38 +97,34 @@ def _bf16_pair(r):
     return tl.join(lo, hi)
 
 
-# The same magnitude tables and sign moves without the scale: four bf16 pairs of the bare E2M1 values.
-_CODES_PTX = tl.constexpr("{\n.reg .b32 s0, s1, l, h, tla, tlb, tha, thb, sh, p;" + _CODES + "}")
-
-
 @triton.jit
-def _code_pairs(words, ASM: tl.constexpr):
-    """int32 words of packed E2M1 codes -> four int32 holding bf16 pairs of the E2M1 values (low half
-    first): elements (0, 1), (2, 3), (4, 5), (6, 7) of each word. Through PTX on the GPU; under the
-    interpreter the same bits from fp32 values."""
+def _weight_pairs(words, sfb, ASM: tl.constexpr, ADJACENT: tl.constexpr = False):
+    """int32 words of packed E2M1 codes and their E4M3 scale bytes (int32, same shape) -> four int32
+    holding bf16 pairs `code x scale x 2^-8`: elements (j, j + 4) of each word in pair j, or with
+    ADJACENT (2j, 2j + 1). Through PTX on the GPU; under the interpreter the same bits from fp32 values."""
     if ASM:
-        r0, r1, r2, r3 = tl.inline_asm_elementwise(_CODES_PTX, "=r,=r,=r,=r,r", [words], dtype=(tl.int32,) * 4,
-                                                   is_pure=True, pack=1)  # fmt: skip
+        r0, r1, r2, r3 = tl.inline_asm_elementwise(_DECODE_ADJACENT_PTX if ADJACENT else _DECODE_PTX, "=r,=r,=r,=r,r,r",
+                                                   [words, sfb], dtype=(tl.int32,) * 4, is_pure=True, pack=1)  # fmt: skip
     else:
-        r0 = _bf16_bits(words, 0) | (_bf16_bits(words, 1) << 16)
-        r1 = _bf16_bits(words, 2) | (_bf16_bits(words, 3) << 16)
-        r2 = _bf16_bits(words, 4) | (_bf16_bits(words, 5) << 16)
-        r3 = _bf16_bits(words, 6) | (_bf16_bits(words, 7) << 16)
+        sf = _e4m3_value(sfb) * (16384.0 / 256.0)
+        if ADJACENT:
+            r0 = _bf16_bits(words, 0, sf) | (_bf16_bits(words, 1, sf) << 16)
+            r1 = _bf16_bits(words, 2, sf) | (_bf16_bits(words, 3, sf) << 16)
+            r2 = _bf16_bits(words, 4, sf) | (_bf16_bits(words, 5, sf) << 16)
+            r3 = _bf16_bits(words, 6, sf) | (_bf16_bits(words, 7, sf) << 16)
+        else:
+            r0 = _bf16_bits(words, 0, sf) | (_bf16_bits(words, 4, sf) << 16)
+            r1 = _bf16_bits(words, 1, sf) | (_bf16_bits(words, 5, sf) << 16)
+            r2 = _bf16_bits(words, 2, sf) | (_bf16_bits(words, 6, sf) << 16)
+            r3 = _bf16_bits(words, 3, sf) | (_bf16_bits(words, 7, sf) << 16)
     return r0, r1, r2, r3
 
 
 @triton.jit
-def _bf16_bits(words, j: tl.constexpr):
-    """bf16 bits (int32) of the E2M1 value of element j of each word (exact in bf16)."""
-    v = _fp4_bits_to_f32((words >> (4 * j)) & 15) * 16384.0
+def _bf16_bits(words, j: tl.constexpr, sf):
+    """bf16 bits (int32) of element j of each word x sf (exact in bf16)."""
+    v = _fp4_bits_to_f32((words >> (4 * j)) & 15) * sf
     return (v.to(tl.int32, bitcast=True) >> 16) & 0xFFFF
-
-
-@triton.jit
-def _scale_f32(sfb):
-    """E4M3 scale bits (int32; never negative) -> the scale x 2^-8 in fp32, from its fp16 bits (as
-    _DECODE_PTX makes it; subnormal scales land on fp16 subnormals)."""
-    return ((sfb & 0x7F) << 7).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -142,8 +143,7 @@ def _decode_words(words, sfb, ASM: tl.constexpr):
     [A, B, C, 8] weight values `code x scale x 2^-8` in K order: bf16 through PTX on the GPU, fp32 in
     plain Triton under the interpreter (the same values)."""
     if ASM:
-        r0, r1, r2, r3 = tl.inline_asm_elementwise(_DECODE_PTX, "=r,=r,=r,=r,r,r", [words, sfb],
-                                                   dtype=(tl.int32,) * 4, is_pure=True, pack=1)  # fmt: skip
+        r0, r1, r2, r3 = _weight_pairs(words, sfb, ASM, ADJACENT=True)
         v = tl.join(tl.join(_bf16_pair(r0), _bf16_pair(r1)), tl.join(_bf16_pair(r2), _bf16_pair(r3)))
         v = tl.permute(v, (0, 1, 2, 5, 4, 3))  # [.., half, pair bit 0, pair bit 1] -> element order
         return tl.reshape(v, (words.shape[0], words.shape[1], words.shape[2], 8))
@@ -184,12 +184,27 @@ def _scale_bytes(sw, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _x8(xp, mask):
-    """Activations as fp32 [1, BK/8] x 8: element j of every word of the weight tile (xp + j)."""
-    return (tl.load(xp, mask=mask).to(tl.float32), tl.load(xp + 1, mask=mask).to(tl.float32),
-            tl.load(xp + 2, mask=mask).to(tl.float32), tl.load(xp + 3, mask=mask).to(tl.float32),
-            tl.load(xp + 4, mask=mask).to(tl.float32), tl.load(xp + 5, mask=mask).to(tl.float32),
-            tl.load(xp + 6, mask=mask).to(tl.float32), tl.load(xp + 7, mask=mask).to(tl.float32))  # fmt: skip
+def _word_dots(words, sfb, x, ASM: tl.constexpr):
+    """Weight words [BN, BK/8] (their scale bytes alike) times one row of activations x [BK]: each
+    word's 8 products (scale included) summed in fp32 -> [BN, BK/8]."""
+    BK: tl.constexpr = x.shape[0]
+    ev, od = tl.split(tl.reshape(x.to(tl.float32), (1, BK // 8, 2, 2, 2)))  # element = 4 b2 + 2 b1 + b0
+    e0, e2 = tl.split(ev)
+    e1, e3 = tl.split(od)
+    y0, y4 = tl.split(e0)
+    y2, y6 = tl.split(e2)
+    y1, y5 = tl.split(e1)
+    y3, y7 = tl.split(e3)
+    r0, r1, r2, r3 = _weight_pairs(words, sfb, ASM)
+    p = _lo(r0) * y0
+    p += _lo(r1) * y1
+    p += _lo(r2) * y2
+    p += _lo(r3) * y3
+    p += _hi(r0) * y4
+    p += _hi(r1) * y5
+    p += _hi(r2) * y6
+    p += _hi(r3) * y7
+    return p
 
 
 @triton.jit
@@ -208,6 +223,7 @@ def _nvfp4_gemv_kernel(
     M, N, K, K_PER_SPLIT, stride_am, stride_om, SPLIT,
     ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, EVEN_N: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMA: tl.constexpr = False,
+    STAGES: tl.constexpr = 1,
 ):  # fmt: skip
     """out[M, N] = alpha * a[M, K] @ W.T for few rows of `a` (decode), K a multiple of BK (itself a
     multiple of 64). The weight is the MMA's first operand (its rows on the MMA's M side, tokens on N),
@@ -221,30 +237,14 @@ def _nvfp4_gemv_kernel(
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     nmask = (rn < N) | EVEN_N  # EVEN_N: no row falls outside
-    if FMA:  # one row of activations (BM == 1): fp32 products summed in registers, no MMA, no shared memory
+    if FMA:  # one row of activations (BM == 1): fp32 products of the decoded words, no MMA
         acc2 = tl.zeros((BN, BK // 8), dtype=tl.float32)
         k_end = tl.minimum((pid_k + 1) * K_PER_SPLIT, K)
-        nxt, nxt_sw = _load_words(w_ptr, sf_ptr, rn, nmask, pid_k * K_PER_SPLIT, K, BK)
-        xp = a_ptr + pid_k * K_PER_SPLIT + 8 * tl.arange(0, BK // 8)[None, :]  # element j of each word: xp + j
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x8(xp, None)
-        for k0 in range(pid_k * K_PER_SPLIT, k_end, BK):
-            # this tile's operands were loaded one iteration ahead: the next ones fly during this math
-            words, sfb = nxt, _scale_bytes(nxt_sw, BN, BK)
-            y0, y1, y2, y3, y4, y5, y6, y7 = x0, x1, x2, x3, x4, x5, x6, x7
-            more = k0 + BK < k_end
-            nxt, nxt_sw = _load_words(w_ptr, sf_ptr, rn, rn < tl.where(more, N, 0), k0 + BK, K, BK)
-            xp += BK
-            x0, x1, x2, x3, x4, x5, x6, x7 = _x8(xp, k0 + BK + 8 * tl.arange(0, BK // 8)[None, :] < k_end)
-            r0, r1, r2, r3 = _code_pairs(words, ASM)
-            p = _lo(r0) * y0  # a word's 8 products, then its scale once
-            p += _hi(r0) * y1
-            p += _lo(r1) * y2
-            p += _hi(r1) * y3
-            p += _lo(r2) * y4
-            p += _hi(r2) * y5
-            p += _lo(r3) * y6
-            p += _hi(r3) * y7
-            acc2 += p * _scale_f32(sfb)
+        # Triton's pipeliner keeps STAGES tiles of weights, scales and activations in flight (cp.async)
+        for k0 in tl.range(pid_k * K_PER_SPLIT, k_end, BK, num_stages=STAGES):
+            words, sw = _load_words(w_ptr, sf_ptr, rn, nmask, k0, K, BK)
+            x = tl.load(a_ptr + k0 + tl.arange(0, BK))
+            acc2 += _word_dots(words, _scale_bytes(sw, BN, BK), x, ASM)
         acc = tl.reshape(tl.sum(acc2, axis=1), (BN, BM))
     else:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
@@ -324,16 +324,17 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def _gemv_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
-    """(BM, BN, BK, warps, K splits, stages) for the GEMV kernel, from a sweep on an H100 (BENCHMARKS.md):
+    """(BM, BN, BK, warps, K splits, stages) for the GEMV kernel, from sweeps on an H100 (BENCHMARKS.md):
     small tiles, K split until there are ~2 programs per SM. BM = 1 (one row) is the FMA variant."""
     if interpreting():
         return (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1), 1
-    if m == 1:
+    if m == 1:  # small tiles, a deep cp.async pipeline, K split only when there are few programs
         bk = 256 if k % 256 == 0 else 128 if k % 128 == 0 else 64
-        bn, tiles, split = 32, triton.cdiv(n, 32), 1
-        while tiles * split < 1024 and k // (split * 2) >= bk:
+        bn = 8 if n * k < 1 << 23 else 16
+        tiles, split = triton.cdiv(n, bn), 1
+        while tiles * split < 128 and k // (split * 2) >= 2 * bk:
             split *= 2
-        return 1, bn, bk, 2, split, 1
+        return 1, bn, bk, 2, split, 5
     bm = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
     bn, warps = (64, 4) if n * k >= 1 << 24 else (32, 2)
     bk = 128 if k % 128 == 0 else 64
@@ -393,7 +394,7 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
         a, w.weight.view(torch.int32), w.weight_scale.view(torch.int32), out, parts, counters, w.scalars,
         M, N, K, per_split, a.stride(0), out.stride(0), split,
         ALPHA_IDX=idx, ASM=not interpreting(), EVEN_N=N % bn == 0,
-        BM=bm, BN=bn, BK=bk, FMA=bm == 1, num_warps=warps, num_stages=stages,
+        BM=bm, BN=bn, BK=bk, FMA=bm == 1, STAGES=stages, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out.reshape(*lead, N)
 

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import interpreting
 from .quantize import _bf16_rne, _e4m3_rne
-from .linear import _e4m3_value, _mma_t, _nvfp4_tile, blackwell_activations, dequantize_nvfp4, nvfp4_fake_quantize
+from .linear import _e4m3_value, _load_words, _mma_t, _nvfp4_tile, _scale_bytes, _word_dots, blackwell_activations, dequantize_nvfp4, nvfp4_fake_quantize
 
 WFMTS = {"bf16": 1, "fp8": 2}  # the reference kernel's weight formats
 
@@ -167,6 +167,41 @@ def _moe_nvfp4_kernel(
 
 
 @triton.jit
+def _moe_nvfp4_row_kernel(
+    a_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, ids_ptr, block_expert_ptr, topk_w_ptr,
+    N, K, stride_a, TOPK, limit, ALPHA_IDX,
+    GATHER: tl.constexpr, GLU: tl.constexpr, HAS_LIMIT: tl.constexpr, WEIGHTED: tl.constexpr,
+    ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """`_moe_nvfp4_kernel` at decode, one routed pair per block (routed with BM = 1): the one-row GEMV's
+    fp32 products of decoded words instead of the MMA, STAGES weight tiles in flight."""
+    e = tl.load(block_expert_ptr + tl.program_id(0))
+    if e < 0:
+        return
+    pair = tl.load(ids_ptr + tl.program_id(0))
+    row = pair // TOPK if GATHER else pair
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = rn < N
+    NW = 2 * N if GLU else N
+    e64 = e.to(tl.int64)
+    w_e = w_ptr + e64 * NW * (K // 8)
+    sf_e = sf_ptr + e64 * NW * (K // 64)
+    acc = tl.zeros((BN, BK // 8), dtype=tl.float32)
+    acc_up = tl.zeros((BN, BK // 8), dtype=tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        x = tl.load(a_ptr + row * stride_a + k0 + tl.arange(0, BK))
+        words, sw = _load_words(w_e, sf_e, rn, nmask, k0, K, BK)
+        acc += _word_dots(words, _scale_bytes(sw, BN, BK), x, ASM)
+        if GLU:
+            words, sw = _load_words(w_e, sf_e, rn + N, nmask, k0, K, BK)
+            acc_up += _word_dots(words, _scale_bytes(sw, BN, BK), x, ASM)
+    y = _epilogue(tl.sum(acc, 1), tl.sum(acc_up, 1), tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0, limit, GLU, HAS_LIMIT)
+    if WEIGHTED:
+        y = y * tl.load(topk_w_ptr + pair)
+    tl.store(out_ptr + pair * N + rn, y.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr, w_ptr, scalars_ptr, out_ptr, ids_ptr, block_expert_ptr, topk_w_ptr,
     N, K, stride_a, TOPK, limit,
@@ -238,7 +273,7 @@ def route(topk_ids: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor
     kernel for decode-sized batches, torch ops above ROUTE_KERNEL_MAX_PAIRS."""
     flat = topk_ids.reshape(-1)
     tk = flat.numel()
-    max_blocks = triton.cdiv(tk, bm) + min(n_experts, tk)
+    max_blocks = tk if bm == 1 else triton.cdiv(tk, bm) + min(n_experts, tk)  # a partial block per expert
     if tk <= ROUTE_KERNEL_MAX_PAIRS and (flat.is_cuda or interpreting()):
         pp, ep = triton.next_power_of_2(max(tk, 16)), triton.next_power_of_2(n_experts + 1)
         ids = torch.empty(max_blocks * bm, dtype=torch.int32, device=flat.device)
@@ -280,7 +315,8 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     """Routed experts of one MoE layer: `sum_j w_j * down_e(SwiGLU(gate_up_e(x)))` for each token's
     top-k experts `e = topk_ids[t, j]` with weights `topk_weights[t, j]`; `limit` is the Step clamp.
     gate_up's rows are the gate then the up projection; x [T, H] -> [T, H] (fp32 keeps the combine's
-    sum unrounded, for checking). `config` = (BM, BN, BK, warps) overrides the tiling."""
+    sum unrounded, for checking). `config` = (BM, BN, BK, warps[, stages]) overrides the tiling; BM = 1
+    (NVFP4) routes each pair on its own through the one-row kernel."""
     T, H = x.shape
     E, two_i, _ = gate_up.shape
     inter = two_i // 2
@@ -291,7 +327,9 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     nvfp4 = gate_up.fmt == "nvfp4"
     if nvfp4 and (H % 64 or inter % 64):
         raise ValueError(f"the NVFP4 fused MoE needs hidden ({H}) and intermediate ({inter}) sizes that are multiples of 64")
-    bm, bn, bk, warps = config or _moe_blocks(T * topk, nvfp4)
+    bm, bn, bk, warps, stages = (*config, 4)[:5] if config else _moe_blocks(T * topk, nvfp4)
+    if bm == 1 and not nvfp4:
+        raise ValueError("the one-pair-per-block tiling (BM = 1) is for NVFP4 experts")
     ids, block_expert = route(topk_ids, E, bm)
     a = x.to(torch.bfloat16).contiguous()
     weights = topk_weights.float().reshape(-1).contiguous()
@@ -301,20 +339,22 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if nvfp4:
         # w4a4: the activations rounded to their NVFP4 values once, then the w4a16 kernel with alpha =
         # input_scale x weight scale (one input scale per layer, so any expert's scalars serve)
-        common = dict(ASM=not interpreting(), BM=bm, BN=bn, BK=bk, num_warps=warps)
+        # BM = 1: one routed pair per block, the one-row kernel (decode)
+        kernel, common = ((_moe_nvfp4_row_kernel, dict(STAGES=stages)) if bm == 1 else (_moe_nvfp4_kernel, dict(BM=bm)))
+        common |= dict(ASM=not interpreting(), BN=bn, num_warps=warps)
         if aq1:
             a = nvfp4_fake_quantize(a, gate_up.scalars[0, 1:])
-        _moe_nvfp4_kernel[(block_expert.numel(), triton.cdiv(inter, bn))](
+        kernel[(block_expert.numel(), triton.cdiv(inter, bn))](
             a, gate_up.weight.view(torch.int32), gate_up.weight_scale.view(torch.int32), gate_up.scalars, h, ids,
             block_expert, weights, inter, H, a.stride(0), topk, limit_, aq1,
-            GATHER=True, GLU=True, HAS_LIMIT=limit is not None, WEIGHTED=False, **common,
+            GATHER=True, GLU=True, HAS_LIMIT=limit is not None, WEIGHTED=False, BK=_fit(bk, H), **common,
         )  # fmt: skip
         if aq2:
             h = nvfp4_fake_quantize(h, down.scalars[0, 1:])
-        _moe_nvfp4_kernel[(block_expert.numel(), triton.cdiv(H, bn))](
+        kernel[(block_expert.numel(), triton.cdiv(H, bn))](
             h, down.weight.view(torch.int32), down.weight_scale.view(torch.int32), down.scalars, y, ids,
             block_expert, weights, H, inter, h.stride(0), topk, 0.0, aq2,
-            GATHER=False, GLU=False, HAS_LIMIT=False, WEIGHTED=True, **common,
+            GATHER=False, GLU=False, HAS_LIMIT=False, WEIGHTED=True, BK=_fit(bk, inter), **common,
         )  # fmt: skip
     else:
         common = dict(DOT_FP32=interpreting(), BM=bm, BN=bn, BK=bk, num_warps=warps)
@@ -333,16 +373,29 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     return y.view(T, topk, H).sum(1).to(out_dtype)
 
 
-def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, warps) by the number of routed (token, expert) pairs (the best of a sweep on an
-    H100, BENCHMARKS.md). NVFP4 experts: BN counts weight rows (the MMA's M side), BK a multiple of 64."""
+def _fit(bk: int, k: int) -> int:
+    """The largest of bk, bk/2, ... (at least 64) that divides k: NVFP4 tiles read whole BK columns."""
+    while bk > 64 and k % bk:
+        bk //= 2
+    return bk
+
+
+def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, warps, stages) by the number of routed (token, expert) pairs (the best of sweeps on an
+    H100, BENCHMARKS.md). NVFP4 experts: BN counts weight rows (the MMA's M side), BK a multiple of 64;
+    up to MOE_ROW_MAX_PAIRS pairs each goes alone through the one-row kernel (BM = 1)."""
     if interpreting():
-        return (16, 16, 64, 4) if nvfp4 else (16, 16, 32, 4)
+        return (16, 16, 64, 4, 1) if nvfp4 else (16, 16, 32, 4, 1)
     if nvfp4:
-        return (16, 64, 64, 4) if pairs <= 2048 else (64, 128, 64, 4)
+        if pairs <= MOE_ROW_MAX_PAIRS:
+            return 1, 32, 256, 4, 4
+        return (16, 64, 128, 4, 1) if pairs <= 2048 else (64, 128, 64, 4, 1)
     if pairs <= 2048:
-        return 16, 32, 128, 4
-    return 64, 128, 64, 8
+        return 16, 32, 128, 4, 1
+    return 64, 128, 64, 8, 1
+
+
+MOE_ROW_MAX_PAIRS = 128  # 16 tokens at top-8
 
 
 # -- plain-torch reference --------------------------------------------------------------------------

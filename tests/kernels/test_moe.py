@@ -59,7 +59,7 @@ def test_route_groups_pairs_by_expert_in_blocks():
     assert block_expert.tolist()[:4] == [0, 1, 2, 2]  # expert order, expert 2's three pairs in two blocks
 
 
-@pytest.mark.parametrize("tokens, experts, bm", [(1, 288, 16), (7, 5, 16), (33, 40, 8), (64, 16, 16)])
+@pytest.mark.parametrize("tokens, experts, bm", [(1, 288, 16), (7, 5, 16), (33, 40, 8), (64, 16, 16), (7, 5, 1), (1, 288, 1)])
 def test_route_kernel_equals_torch(device, monkeypatch, tokens, experts, bm):
     g = torch.Generator().manual_seed(tokens)
     ids = torch.rand(tokens, experts, generator=g).topk(min(8, experts), -1).indices.to(device)
@@ -83,6 +83,21 @@ def test_fused_moe_matches_reference(device, fmt, mode, tol, limit):
     assert _rel(out32, ref) < (1e-5 if device == "cpu" else 1e-3)
     if limit is not None:  # the clamp is active: without it the result is different
         assert _rel(fused_moe_reference(x, ids, w, gu, dn, mode), ref) > 10 * tol
+
+
+@pytest.mark.parametrize("limit", [None, 0.5])
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+def test_one_row_kernel_matches_reference(device, mode, limit):
+    """BM = 1: every routed pair alone through the one-row (decode) kernel, the MMA kernel's results."""
+    x, ids, w, gu, dn = _layer("nvfp4", device, seed=2)
+    ref = fused_moe_reference(x, ids, w, gu, dn, mode, limit=limit)
+    out32 = fused_moe(x, ids, w, gu, dn, mode, limit=limit, config=(1, 16, 64, 2, 3), out_dtype=torch.float32)
+    assert _rel(out32, ref) < (1e-5 if device == "cpu" else 1e-3)
+    mma = fused_moe(x, ids, w, gu, dn, mode, limit=limit, config=(16, 16, 64, 4), out_dtype=torch.float32)
+    assert _rel(out32, mma) < (1e-5 if device == "cpu" else 1e-3)
+    with pytest.raises(ValueError, match="BM = 1"):
+        _, _, _, gb, db = _layer("bf16", device)
+        fused_moe(x, ids, w, gb, db, "bf16", config=(1, 16, 64, 2))
 
 
 def test_w4a4_differs_from_w4a16(device):
