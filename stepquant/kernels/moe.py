@@ -167,38 +167,55 @@ def _moe_nvfp4_kernel(
 
 
 @triton.jit
-def _moe_nvfp4_row_kernel(
-    a_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, ids_ptr, block_expert_ptr, topk_w_ptr,
-    N, K, stride_a, TOPK, limit, ALPHA_IDX,
-    GATHER: tl.constexpr, GLU: tl.constexpr, HAS_LIMIT: tl.constexpr, WEIGHTED: tl.constexpr,
-    ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+def _moe_row_gate_up_kernel(
+    a_ptr, w_ptr, sf_ptr, scalars_ptr, h_ptr, topk_ids_ptr, N, K, stride_a, TOPK, limit, ALPHA_IDX,
+    HAS_LIMIT: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    """`_moe_nvfp4_kernel` at decode, one routed pair per block (routed with BM = 1): the one-row GEMV's
-    fp32 products of decoded words instead of the MMA, STAGES weight tiles in flight."""
-    e = tl.load(block_expert_ptr + tl.program_id(0))
-    if e < 0:
-        return
-    pair = tl.load(ids_ptr + tl.program_id(0))
-    row = pair // TOPK if GATHER else pair
+    """Decode, one program per routed pair and BN rows: SwiGLU(gate, up) of the pair's token through its
+    expert, with the one-row GEMV's fp32 products of decoded words (no MMA, no routing: the expert is
+    topk_ids[pair]), STAGES weight tiles in flight."""
+    pair = tl.program_id(0)
+    e64 = tl.load(topk_ids_ptr + pair).to(tl.int64)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = rn < N
-    NW = 2 * N if GLU else N
-    e64 = e.to(tl.int64)
-    w_e = w_ptr + e64 * NW * (K // 8)
-    sf_e = sf_ptr + e64 * NW * (K // 64)
+    w_e = w_ptr + e64 * 2 * N * (K // 8)
+    sf_e = sf_ptr + e64 * 2 * N * (K // 64)
+    xp = a_ptr + (pair // TOPK) * stride_a
     acc = tl.zeros((BN, BK // 8), dtype=tl.float32)
     acc_up = tl.zeros((BN, BK // 8), dtype=tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
-        x = tl.load(a_ptr + row * stride_a + k0 + tl.arange(0, BK))
+        x = tl.load(xp + k0 + tl.arange(0, BK))
         words, sw = _load_words(w_e, sf_e, rn, nmask, k0, K, BK)
         acc += _word_dots(words, _scale_bytes(sw, BN, BK), x, ASM)
-        if GLU:
-            words, sw = _load_words(w_e, sf_e, rn + N, nmask, k0, K, BK)
-            acc_up += _word_dots(words, _scale_bytes(sw, BN, BK), x, ASM)
-    y = _epilogue(tl.sum(acc, 1), tl.sum(acc_up, 1), tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0, limit, GLU, HAS_LIMIT)
-    if WEIGHTED:
-        y = y * tl.load(topk_w_ptr + pair)
-    tl.store(out_ptr + pair * N + rn, y.to(out_ptr.dtype.element_ty), mask=nmask)
+        words, sw = _load_words(w_e, sf_e, rn + N, nmask, k0, K, BK)
+        acc_up += _word_dots(words, _scale_bytes(sw, BN, BK), x, ASM)
+    alpha = tl.load(scalars_ptr + e64 * 4 + ALPHA_IDX) * 256.0
+    y = _epilogue(tl.sum(acc, 1), tl.sum(acc_up, 1), alpha, limit, True, HAS_LIMIT)
+    tl.store(h_ptr + pair * N + rn, y.to(h_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _moe_row_down_kernel(
+    h_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, topk_ids_ptr, topk_w_ptr, N, K, TOPK, ALPHA_IDX,
+    ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """Decode, one program per token and BN output columns: the down projections of the token's TOPK
+    pairs, each times alpha and its routing weight, summed in a fixed order (the combine, in one loop
+    over pairs x K tiles, so the pipeline runs across experts)."""
+    t = tl.program_id(0)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = rn < N
+    KT = K // BK
+    total = tl.zeros((BN, BK // 8), dtype=tl.float32)
+    for it in tl.range(0, TOPK * KT, num_stages=STAGES):
+        pair = t * TOPK + it // KT
+        k0 = (it % KT) * BK
+        e64 = tl.load(topk_ids_ptr + pair).to(tl.int64)
+        coef = tl.load(scalars_ptr + e64 * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair)
+        words, sw = _load_words(w_ptr + e64 * N * (K // 8), sf_ptr + e64 * N * (K // 64), rn, nmask, k0, K, BK)
+        x = tl.load(h_ptr + pair * K + k0 + tl.arange(0, BK))
+        total += _word_dots(words, _scale_bytes(sw, BN, BK), x, ASM) * coef
+    tl.store(out_ptr + t * N + rn, tl.sum(total, 1).to(out_ptr.dtype.element_ty), mask=nmask)
 
 
 @triton.jit
@@ -273,7 +290,7 @@ def route(topk_ids: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor
     kernel for decode-sized batches, torch ops above ROUTE_KERNEL_MAX_PAIRS."""
     flat = topk_ids.reshape(-1)
     tk = flat.numel()
-    max_blocks = tk if bm == 1 else triton.cdiv(tk, bm) + min(n_experts, tk)  # a partial block per expert
+    max_blocks = triton.cdiv(tk, bm) + min(n_experts, tk)
     if tk <= ROUTE_KERNEL_MAX_PAIRS and (flat.is_cuda or interpreting()):
         pp, ep = triton.next_power_of_2(max(tk, 16)), triton.next_power_of_2(n_experts + 1)
         ids = torch.empty(max_blocks * bm, dtype=torch.int32, device=flat.device)
@@ -316,7 +333,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     top-k experts `e = topk_ids[t, j]` with weights `topk_weights[t, j]`; `limit` is the Step clamp.
     gate_up's rows are the gate then the up projection; x [T, H] -> [T, H] (fp32 keeps the combine's
     sum unrounded, for checking). `config` = (BM, BN, BK, warps[, stages]) overrides the tiling; BM = 1
-    (NVFP4) routes each pair on its own through the one-row kernel."""
+    (NVFP4, decode) skips the routing: one-row kernels per pair, then per token with the combine."""
     T, H = x.shape
     E, two_i, _ = gate_up.shape
     inter = two_i // 2
@@ -330,28 +347,43 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     bm, bn, bk, warps, stages = (*config, 4)[:5] if config else _moe_blocks(T * topk, nvfp4)
     if bm == 1 and not nvfp4:
         raise ValueError("the one-pair-per-block tiling (BM = 1) is for NVFP4 experts")
-    ids, block_expert = route(topk_ids, E, bm)
     a = x.to(torch.bfloat16).contiguous()
     weights = topk_weights.float().reshape(-1).contiguous()
     h = torch.empty(T * topk, inter, dtype=torch.bfloat16, device=x.device)
-    y = torch.empty(T * topk, H, dtype=torch.float32, device=x.device)
     limit_ = float(limit or 0.0)
-    if nvfp4:
-        # w4a4: the activations rounded to their NVFP4 values once, then the w4a16 kernel with alpha =
+    if nvfp4 and aq1:
+        # w4a4: the activations rounded to their NVFP4 values once, then the w4a16 kernels with alpha =
         # input_scale x weight scale (one input scale per layer, so any expert's scalars serve)
-        # BM = 1: one routed pair per block, the one-row kernel (decode)
-        kernel, common = ((_moe_nvfp4_row_kernel, dict(STAGES=stages)) if bm == 1 else (_moe_nvfp4_kernel, dict(BM=bm)))
-        common |= dict(ASM=not interpreting(), BN=bn, num_warps=warps)
-        if aq1:
-            a = nvfp4_fake_quantize(a, gate_up.scalars[0, 1:])
-        kernel[(block_expert.numel(), triton.cdiv(inter, bn))](
+        a = nvfp4_fake_quantize(a, gate_up.scalars[0, 1:])
+    if bm == 1:  # decode: one program per pair (gate_up) and per token (down, which also combines)
+        flat_ids = topk_ids.reshape(-1).contiguous()  # int64 or int32: read as they are (no conversion launch)
+        common = dict(ASM=not interpreting(), STAGES=stages, num_warps=warps)
+        _moe_row_gate_up_kernel[(T * topk, triton.cdiv(inter, bn))](
+            a, gate_up.weight.view(torch.int32), gate_up.weight_scale.view(torch.int32), gate_up.scalars, h, flat_ids,
+            inter, H, a.stride(0), topk, limit_, aq1, HAS_LIMIT=limit is not None, BN=bn, BK=_fit(bk, H), **common,
+        )  # fmt: skip
+        if aq2:
+            h = nvfp4_fake_quantize(h, down.scalars[0, 1:])
+        while T * triton.cdiv(H, bn) < 256 and bn > 8:  # enough programs for the few tokens
+            bn //= 2
+        out = torch.empty(T, H, dtype=out_dtype, device=x.device)
+        _moe_row_down_kernel[(T, triton.cdiv(H, bn))](
+            h, down.weight.view(torch.int32), down.weight_scale.view(torch.int32), down.scalars, out, flat_ids, weights,
+            H, inter, topk, aq2, BN=bn, BK=_fit(bk, inter), **common,
+        )  # fmt: skip
+        return out
+    ids, block_expert = route(topk_ids, E, bm)
+    y = torch.empty(T * topk, H, dtype=torch.float32, device=x.device)
+    if nvfp4:
+        common = dict(ASM=not interpreting(), BM=bm, BN=bn, num_warps=warps)
+        _moe_nvfp4_kernel[(block_expert.numel(), triton.cdiv(inter, bn))](
             a, gate_up.weight.view(torch.int32), gate_up.weight_scale.view(torch.int32), gate_up.scalars, h, ids,
             block_expert, weights, inter, H, a.stride(0), topk, limit_, aq1,
             GATHER=True, GLU=True, HAS_LIMIT=limit is not None, WEIGHTED=False, BK=_fit(bk, H), **common,
         )  # fmt: skip
         if aq2:
             h = nvfp4_fake_quantize(h, down.scalars[0, 1:])
-        kernel[(block_expert.numel(), triton.cdiv(H, bn))](
+        _moe_nvfp4_kernel[(block_expert.numel(), triton.cdiv(H, bn))](
             h, down.weight.view(torch.int32), down.weight_scale.view(torch.int32), down.scalars, y, ids,
             block_expert, weights, H, inter, h.stride(0), topk, 0.0, aq2,
             GATHER=False, GLU=False, HAS_LIMIT=False, WEIGHTED=True, BK=_fit(bk, inter), **common,
@@ -383,12 +415,12 @@ def _fit(bk: int, k: int) -> int:
 def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, warps, stages) by the number of routed (token, expert) pairs (the best of sweeps on an
     H100, BENCHMARKS.md). NVFP4 experts: BN counts weight rows (the MMA's M side), BK a multiple of 64;
-    up to MOE_ROW_MAX_PAIRS pairs each goes alone through the one-row kernel (BM = 1)."""
+    up to MOE_ROW_MAX_PAIRS pairs the one-row kernels run (BM = 1)."""
     if interpreting():
         return (16, 16, 64, 4, 1) if nvfp4 else (16, 16, 32, 4, 1)
     if nvfp4:
         if pairs <= MOE_ROW_MAX_PAIRS:
-            return 1, 32, 256, 4, 4
+            return 1, 16, 256, 2, 4
         return (16, 64, 128, 4, 1) if pairs <= 2048 else (64, 128, 64, 4, 1)
     if pairs <= 2048:
         return 16, 32, 128, 4, 1

@@ -88,7 +88,8 @@ def test_fused_moe_matches_reference(device, fmt, mode, tol, limit):
 @pytest.mark.parametrize("limit", [None, 0.5])
 @pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
 def test_one_row_kernel_matches_reference(device, mode, limit):
-    """BM = 1: every routed pair alone through the one-row (decode) kernel, the MMA kernel's results."""
+    """BM = 1, the decode path (one-row kernels per pair, then per token with the combine): the reference's
+    and the MMA kernel's results."""
     x, ids, w, gu, dn = _layer("nvfp4", device, seed=2)
     ref = fused_moe_reference(x, ids, w, gu, dn, mode, limit=limit)
     out32 = fused_moe(x, ids, w, gu, dn, mode, limit=limit, config=(1, 16, 64, 2, 3), out_dtype=torch.float32)
