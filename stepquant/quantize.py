@@ -92,7 +92,7 @@ class Executor:
         parts = {s: self.ckpt.read(self._src(n)) for s, n in lin.parts.items() if s != "input_scale"}
         w = lin.fmt_in.dequantize(parts)
         if check and not all_finite(w):
-            raise StepquantError(f"tensor '{lin.parts['weight']}': NaN or Inf in the weight (--allow-nonfinite keeps it unquantized)")
+            raise _nonfinite_weight(lin)
         return w
 
     def expert_part(self, ex: Experts, key: str, e: int, suffix: str) -> torch.Tensor:
@@ -104,7 +104,7 @@ class Executor:
         parts = {s: self.expert_part(ex, key, e, s) for s in ex.parts[key][e] if s != "input_scale"}
         w = ex.fmt_in.dequantize(parts)
         if check and not all_finite(w):
-            raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {key} (--allow-nonfinite keeps them unquantized)")
+            raise _nonfinite_expert(ex, e, key)
         return w
 
     def bf16_source(self, ex: Experts, keys: tuple[str, ...]) -> bool:
@@ -145,7 +145,7 @@ class Executor:
         w = self.linear_weight(lin, check=False).to(self.device)
         amax = w.abs().amax().float().cpu()  # NaN and Inf propagate into the amax
         if not torch.isfinite(amax):
-            raise StepquantError(f"tensor '{lin.parts['weight']}': NaN or Inf in the weight (--allow-nonfinite keeps it unquantized)")
+            raise _nonfinite_weight(lin)
         self._amax[lin.module] = amax
         return w
 
@@ -252,7 +252,7 @@ class Executor:
             for k, a in amax.items():
                 if not torch.isfinite(a).all():
                     e = batch[int((~torch.isfinite(a)).nonzero()[0])]
-                    raise StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {k} (--allow-nonfinite keeps them unquantized)")
+                    raise _nonfinite_expert(ex, e, k)
             yield batch, ws, torch.stack(list(amax.values())).amax(0)
 
     def _pair(self, ex: Experts, key: str) -> tuple[str, ...]:
@@ -375,7 +375,7 @@ class Executor:
         get = lambda: self._cached(key, lambda: self.quantize_linear(lin))  # noqa: E731
         outs = []
         for s, (dt, shp) in specs.items():
-            if s == "input_scale" or s in fmt.amax_scale_names:  # late: after the weights, from their amax
+            if _late(fmt, s):
                 outs.append(_lazy(f"{lin.module}.{s}", dt, shp, lambda: self._linear_scales(lin), s, late=True))
                 continue
             self._reader(key)
@@ -401,7 +401,7 @@ class Executor:
                 if ex.fmt_out.calibrated:
                     suffixes["input_scale"] = ("F32", ())
             for s, (dt, shp) in suffixes.items():
-                late = self._late(ex, s)
+                late = _late(ex.fmt_out, s)
                 if layout == "stacked":
                     name = fam.experts["stacked"].format(L=ex.layer, p=proj[key]) + f".{s}"
                     outs.append(OutTensor(name, dt, (ex.num, *shp), ex.num * _nbytes(dt, shp),
@@ -420,13 +420,8 @@ class Executor:
             shape = (len(range(shape[0])[_rows(ex, key, shape[0])]), *shape[1:])
         return t.dtype, tuple(shape)
 
-    @staticmethod
-    def _late(ex: Experts, suffix: str) -> bool:
-        """Scalar scales of quantized experts: made without quantizing, after the weights (late)."""
-        return ex.fmt_out is not None and (suffix == "input_scale" or suffix in ex.fmt_out.amax_scale_names)
-
     def _expert_chunks(self, ex: Experts, key: str, suffix: str, experts) -> Callable[[], Iterator[bytes]]:
-        small = self._late(ex, suffix)
+        small = _late(ex.fmt_out, suffix)
         cache_key = self._reader(("ex", ex.layer, key)) if ex.fmt_out is not None and not small else None
 
         def chunks() -> Iterator[bytes]:
@@ -499,6 +494,20 @@ def _lazy(name: str, dtype: str, shape, get: Callable[[], dict], suffix: str,
         done()
 
     return OutTensor(name, dtype, tuple(shape), _nbytes(dtype, shape), chunks, late)
+
+
+def _late(fmt: Format | None, suffix: str) -> bool:
+    """Scalar scales of a quantized output that need no quantized weight (input_scale from calibration, the
+    format's amax scales): made on their own and written after the weights (late)."""
+    return fmt is not None and (suffix == "input_scale" or suffix in fmt.amax_scale_names)
+
+
+def _nonfinite_weight(lin: Linear) -> StepquantError:
+    return StepquantError(f"tensor '{lin.parts['weight']}': NaN or Inf in the weight (--allow-nonfinite keeps it unquantized)")
+
+
+def _nonfinite_expert(ex: Experts, e: int, key: str) -> StepquantError:
+    return StepquantError(f"experts of {ex.layer}: NaN or Inf in expert {e} {key} (--allow-nonfinite keeps them unquantized)")
 
 
 def _scale_flags(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
