@@ -107,16 +107,12 @@ def _weight_pairs(words, sfb, ASM: tl.constexpr, ADJACENT: tl.constexpr = False)
                                                    [words, sfb], dtype=(tl.int32,) * 4, is_pure=True, pack=1)  # fmt: skip
     else:
         sf = _e4m3_value(sfb) * (16384.0 / 256.0)
-        if ADJACENT:
-            r0 = _bf16_bits(words, 0, sf) | (_bf16_bits(words, 1, sf) << 16)
-            r1 = _bf16_bits(words, 2, sf) | (_bf16_bits(words, 3, sf) << 16)
-            r2 = _bf16_bits(words, 4, sf) | (_bf16_bits(words, 5, sf) << 16)
-            r3 = _bf16_bits(words, 6, sf) | (_bf16_bits(words, 7, sf) << 16)
-        else:
-            r0 = _bf16_bits(words, 0, sf) | (_bf16_bits(words, 4, sf) << 16)
-            r1 = _bf16_bits(words, 1, sf) | (_bf16_bits(words, 5, sf) << 16)
-            r2 = _bf16_bits(words, 2, sf) | (_bf16_bits(words, 6, sf) << 16)
-            r3 = _bf16_bits(words, 3, sf) | (_bf16_bits(words, 7, sf) << 16)
+        step: tl.constexpr = 2 if ADJACENT else 1  # pair j: elements (step j, step j + high)
+        high: tl.constexpr = 1 if ADJACENT else 4
+        r0 = _bf16_bits(words, 0, sf) | (_bf16_bits(words, high, sf) << 16)
+        r1 = _bf16_bits(words, step, sf) | (_bf16_bits(words, step + high, sf) << 16)
+        r2 = _bf16_bits(words, 2 * step, sf) | (_bf16_bits(words, 2 * step + high, sf) << 16)
+        r3 = _bf16_bits(words, 3 * step, sf) | (_bf16_bits(words, 3 * step + high, sf) << 16)
     return r0, r1, r2, r3
 
 
@@ -140,17 +136,12 @@ def _hi(r):
 @triton.jit
 def _decode_words(words, sfb, ASM: tl.constexpr):
     """int32 words [A, B, C] of packed E2M1 codes and their E4M3 scale bytes (int32, same shape) ->
-    [A, B, C, 8] weight values `code x scale x 2^-8` in K order: bf16 through PTX on the GPU, fp32 in
-    plain Triton under the interpreter (the same values)."""
-    if ASM:
-        r0, r1, r2, r3 = _weight_pairs(words, sfb, ASM, ADJACENT=True)
-        v = tl.join(tl.join(_bf16_pair(r0), _bf16_pair(r1)), tl.join(_bf16_pair(r2), _bf16_pair(r3)))
-        v = tl.permute(v, (0, 1, 2, 5, 4, 3))  # [.., half, pair bit 0, pair bit 1] -> element order
-        return tl.reshape(v, (words.shape[0], words.shape[1], words.shape[2], 8))
-    else:
-        nib = (words[:, :, :, None] >> (tl.arange(0, 8) * 4)[None, None, None, :]) & 15
-        sf = _e4m3_value(sfb) * (16384.0 / 256.0)
-        return _fp4_bits_to_f32(nib) * sf[:, :, :, None]
+    [A, B, C, 8] bf16 weight values `code x scale x 2^-8` in K order (pairs through PTX on the GPU, the
+    same bits from fp32 values under the interpreter)."""
+    r0, r1, r2, r3 = _weight_pairs(words, sfb, ASM, ADJACENT=True)
+    v = tl.join(tl.join(_bf16_pair(r0), _bf16_pair(r1)), tl.join(_bf16_pair(r2), _bf16_pair(r3)))
+    v = tl.permute(v, (0, 1, 2, 5, 4, 3))  # [.., half, pair bit 0, pair bit 1] -> element order
+    return tl.reshape(v, (words.shape[0], words.shape[1], words.shape[2], 8))
 
 
 @triton.jit
@@ -209,11 +200,11 @@ def _word_dots(words, sfb, x, ASM: tl.constexpr):
 
 @triton.jit
 def _mma_t(acc, w, a, ASM: tl.constexpr):
-    """acc [BN, BM] + w [BN, BK] @ a[BM, BK].T (fp32 operands under the interpreter)."""
+    """acc [BN, BM] + w [BN, BK] @ a[BM, BK].T (fp32 operands under the interpreter, whose BF16 dot is wrong)."""
     if ASM:
         acc = tl.dot(w, tl.trans(a), acc)
     else:
-        acc = tl.dot(w, tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
+        acc = tl.dot(w.to(tl.float32), tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
     return acc
 
 
