@@ -79,10 +79,11 @@ def sweep(which: str = "all") -> list[dict]:
         configs = {1: [], 16: []}
         if which in ("all", "one-row"):
             for bn in (8, 16, 32):
-                for warps in (1, 2, 4):
-                    for stages in (4, 6):
-                        for fill in (0, 512):
-                            configs[1].append((1, bn, 256, warps, _split(1, n, k, 1, bn, 128, fill), stages))
+                for bk in (256, 512):
+                    for warps in (2, 4):
+                        for stages in (5, 8):
+                            for fill in (0, 512):
+                                configs[1].append((1, bn, bk, warps, _split(1, n, k, 1, bn, bk, fill), stages))
         if which in ("all", "mma"):
             for bn, warps in ((32, 2), (64, 4), (128, 4)):
                 for bk in (128, 256):

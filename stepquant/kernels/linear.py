@@ -175,27 +175,28 @@ def _scale_bytes(sw, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _word_dots(words, sfb, x, ASM: tl.constexpr):
-    """Weight words [BN, BK/8] (their scale bytes alike) times one row of activations x [BK]: each
-    word's 8 products (scale included) summed in fp32 -> [BN, BK/8]."""
-    BK: tl.constexpr = x.shape[0]
-    ev, od = tl.split(tl.reshape(x.to(tl.float32), (1, BK // 8, 2, 2, 2)))  # element = 4 b2 + 2 b1 + b0
-    e0, e2 = tl.split(ev)
-    e1, e3 = tl.split(od)
-    y0, y4 = tl.split(e0)
-    y2, y6 = tl.split(e2)
-    y1, y5 = tl.split(e1)
-    y3, y7 = tl.split(e3)
-    r0, r1, r2, r3 = _weight_pairs(words, sfb, ASM)
-    p = _lo(r0) * y0
-    p += _lo(r1) * y1
-    p += _lo(r2) * y2
-    p += _lo(r3) * y3
-    p += _hi(r0) * y4
-    p += _hi(r1) * y5
-    p += _hi(r2) * y6
-    p += _hi(r3) * y7
-    return p
+def _x_pairs(row_ptr, k0, BK: tl.constexpr):
+    """Activations [k0, k0 + BK) of one bf16 row, read as int32 words of two (element 2i in the low half)."""
+    return tl.load(row_ptr.to(tl.pointer_type(tl.int32)) + k0 // 2 + tl.arange(0, BK // 2))
+
+
+@triton.jit
+def _word_dots(acc, words, sf, xw, ASM: tl.constexpr):
+    """acc [BN, BK/8] + weight words [BN, BK/8] (their scale operands alike) times one row of activations
+    (`_x_pairs`, [BK/2]): each word's 8 products (scale included) added in fp32, one FMA each."""
+    q02, q13 = tl.split(tl.reshape(xw, (1, xw.shape[0] // 4, 2, 2)))  # pair q of a word: elements 2q, 2q + 1
+    q0, q2 = tl.split(q02)
+    q1, q3 = tl.split(q13)
+    r0, r1, r2, r3 = _weight_pairs(words, sf, ASM)  # pair j: elements (j, j + 4)
+    acc += _lo(r0) * _lo(q0)
+    acc += _lo(r1) * _hi(q0)
+    acc += _lo(r2) * _lo(q1)
+    acc += _lo(r3) * _hi(q1)
+    acc += _hi(r0) * _lo(q2)
+    acc += _hi(r1) * _hi(q2)
+    acc += _hi(r2) * _lo(q3)
+    acc += _hi(r3) * _hi(q3)
+    return acc
 
 
 @triton.jit
@@ -234,8 +235,7 @@ def _nvfp4_gemv_kernel(
         # Triton's pipeliner keeps STAGES tiles of weights, scales and activations in flight (cp.async)
         for k0 in tl.range(pid_k * K_PER_SPLIT, k_end, BK, num_stages=STAGES):
             words, sw = _load_words(w_ptr, sf_ptr, rn, nmask, k0, K, BK)
-            x = tl.load(a_ptr + k0 + tl.arange(0, BK))
-            acc2 += _word_dots(words, _scale_bytes(sw, BN, BK), x, ASM)
+            acc2 = _word_dots(acc2, words, _scale_bytes(sw, BN, BK), _x_pairs(a_ptr, k0, BK), ASM)
         acc = tl.reshape(tl.sum(acc2, axis=1), (BN, BM))
     else:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
@@ -321,11 +321,13 @@ def _gemv_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
         return (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1), 1
     if m == 1:  # small tiles, a deep cp.async pipeline, K split only when there are few programs
         bk = 256 if k % 256 == 0 else 128 if k % 128 == 0 else 64
-        bn = 8 if n * k < 1 << 23 else 16
+        bn, warps = (8, 2) if n * k < 1 << 23 else (16, 2)
+        if n * k >= 1 << 23 and k >= 8192 and k % 512 == 0:  # long rows: twice the columns, twice the warps
+            bk, warps = 512, 4
         tiles, split = triton.cdiv(n, bn), 1
         while tiles * split < 128 and k // (split * 2) >= 2 * bk:
             split *= 2
-        return 1, bn, bk, 2, split, 5
+        return 1, bn, bk, warps, split, 5
     bm = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
     bn, warps = (64, 4) if n * k >= 1 << 24 else (32, 2)
     bk = 128 if k % 128 == 0 else 64
@@ -375,6 +377,8 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     if config is None and (M > GEMV_MAX_M or K % 64):
         return _dequant_matmul(a, w, idx, out_dtype).reshape(*lead, N)
     bm, bn, bk, warps, split, stages = config or _gemv_blocks(M, N, K)
+    if K % bk:
+        raise ValueError(f"the GEMV kernel reads whole {bk}-column tiles; K = {K} is not a multiple")
     per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     split = triton.cdiv(K, per_split)
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)

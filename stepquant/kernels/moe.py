@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import interpreting
 from .quantize import _bf16_rne, _e4m3_rne
-from .linear import _e4m3_value, _load_words, _mma_t, _nvfp4_tile, _scale_bytes, _word_dots, blackwell_activations, dequantize_nvfp4, nvfp4_fake_quantize
+from .linear import _e4m3_value, _load_words, _mma_t, _nvfp4_tile, _scale_bytes, _word_dots, _x_pairs, blackwell_activations, dequantize_nvfp4, nvfp4_fake_quantize
 
 WFMTS = {"bf16": 1, "fp8": 2}  # the reference kernel's weight formats
 
@@ -184,11 +184,11 @@ def _moe_row_gate_up_kernel(
     acc = tl.zeros((BN, BK // 8), dtype=tl.float32)
     acc_up = tl.zeros((BN, BK // 8), dtype=tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
-        x = tl.load(xp + k0 + tl.arange(0, BK))
+        x = _x_pairs(xp, k0, BK)
         words, sw = _load_words(w_e, sf_e, rn, nmask, k0, K, BK)
-        acc += _word_dots(words, _scale_bytes(sw, BN, BK), x, ASM)
+        acc = _word_dots(acc, words, _scale_bytes(sw, BN, BK), x, ASM)
         words, sw = _load_words(w_e, sf_e, rn + N, nmask, k0, K, BK)
-        acc_up += _word_dots(words, _scale_bytes(sw, BN, BK), x, ASM)
+        acc_up = _word_dots(acc_up, words, _scale_bytes(sw, BN, BK), x, ASM)
     alpha = tl.load(scalars_ptr + e64 * 4 + ALPHA_IDX) * 256.0
     y = _epilogue(tl.sum(acc, 1), tl.sum(acc_up, 1), alpha, limit, True, HAS_LIMIT)
     tl.store(h_ptr + pair * N + rn, y.to(h_ptr.dtype.element_ty), mask=nmask)
@@ -213,8 +213,8 @@ def _moe_row_down_kernel(
         e64 = tl.load(topk_ids_ptr + pair).to(tl.int64)
         coef = tl.load(scalars_ptr + e64 * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair)
         words, sw = _load_words(w_ptr + e64 * N * (K // 8), sf_ptr + e64 * N * (K // 64), rn, nmask, k0, K, BK)
-        x = tl.load(h_ptr + pair * K + k0 + tl.arange(0, BK))
-        total += _word_dots(words, _scale_bytes(sw, BN, BK), x, ASM) * coef
+        part = _word_dots(tl.zeros((BN, BK // 8), dtype=tl.float32), words, _scale_bytes(sw, BN, BK), _x_pairs(h_ptr + pair * K, k0, BK), ASM)
+        total += part * coef
     tl.store(out_ptr + t * N + rn, tl.sum(total, 1).to(out_ptr.dtype.element_ty), mask=nmask)
 
 
@@ -332,8 +332,8 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     """Routed experts of one MoE layer: `sum_j w_j * down_e(SwiGLU(gate_up_e(x)))` for each token's
     top-k experts `e = topk_ids[t, j]` with weights `topk_weights[t, j]`; `limit` is the Step clamp.
     gate_up's rows are the gate then the up projection; x [T, H] -> [T, H] (fp32 keeps the combine's
-    sum unrounded, for checking). `config` = (BM, BN, BK, warps[, stages]) overrides the tiling; BM = 1
-    (NVFP4, decode) skips the routing: one-row kernels per pair, then per token with the combine."""
+    sum unrounded, for checking). `config` = (BM, BN, BK, warps[, stages[, down BN]]) overrides the tiling;
+    BM = 1 (NVFP4, decode) skips the routing: one-row kernels per pair, then per token with the combine."""
     T, H = x.shape
     E, two_i, _ = gate_up.shape
     inter = two_i // 2
@@ -344,7 +344,9 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     nvfp4 = gate_up.fmt == "nvfp4"
     if nvfp4 and (H % 64 or inter % 64):
         raise ValueError(f"the NVFP4 fused MoE needs hidden ({H}) and intermediate ({inter}) sizes that are multiples of 64")
-    bm, bn, bk, warps, stages = (*config, 4)[:5] if config else _moe_blocks(T * topk, nvfp4)
+    cfg = tuple(config) if config else _moe_blocks(T * topk, nvfp4)
+    bm, bn, bk, warps = cfg[:4]
+    stages = cfg[4] if len(cfg) > 4 else 4
     if bm == 1 and not nvfp4:
         raise ValueError("the one-pair-per-block tiling (BM = 1) is for NVFP4 experts")
     a = x.to(torch.bfloat16).contiguous()
@@ -364,8 +366,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         )  # fmt: skip
         if aq2:
             h = nvfp4_fake_quantize(h, down.scalars[0, 1:])
-        while T * triton.cdiv(H, bn) < 256 and bn > 8:  # enough programs for the few tokens
-            bn //= 2
+        bn = cfg[5] if len(cfg) > 5 else _down_bn(T, H, bn)
         out = torch.empty(T, H, dtype=out_dtype, device=x.device)
         _moe_row_down_kernel[(T, triton.cdiv(H, bn))](
             h, down.weight.view(torch.int32), down.weight_scale.view(torch.int32), down.scalars, out, flat_ids, weights,
@@ -412,6 +413,13 @@ def _fit(bk: int, k: int) -> int:
     return bk
 
 
+def _down_bn(tokens: int, hidden: int, bn: int) -> int:
+    """The one-row down kernel's BN: halved from gate_up's until the few tokens make enough programs."""
+    while tokens * triton.cdiv(hidden, bn) < MOE_DOWN_PROGRAMS and bn > 8:
+        bn //= 2
+    return bn
+
+
 def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, warps, stages) by the number of routed (token, expert) pairs (the best of sweeps on an
     H100, BENCHMARKS.md). NVFP4 experts: BN counts weight rows (the MMA's M side), BK a multiple of 64;
@@ -428,6 +436,7 @@ def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int, int]:
 
 
 MOE_ROW_MAX_PAIRS = 128  # 16 tokens at top-8
+MOE_DOWN_PROGRAMS = 256  # the one-row down kernel's BN shrinks (to 8) until it has this many programs
 
 
 # -- plain-torch reference --------------------------------------------------------------------------

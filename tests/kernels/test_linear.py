@@ -68,7 +68,7 @@ def test_w4a4_matches_fp64_reference(device, n, k):
 @pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
 @pytest.mark.parametrize("n, k", [(48, 64), (40, 256)])
 def test_one_row_fma_kernel_matches_reference(device, mode, n, k):
-    """Decode's one-row GEMV (bare E2M1 values from the PTX tables, fp32 FMAs, the scale once a word)."""
+    """Decode's one-row GEMV (bf16 pairs decoded from the words, the scale once a block, fp32 FMAs)."""
     p, x, isc = _layer(n, k, 5, device)
     p["weight_scale"][0, 0] = torch.tensor(2.0**-9).to(torch.float8_e4m3fn)  # a subnormal E4M3 scale
     p["weight_scale"][1, -1] = torch.tensor(448.0).to(torch.float8_e4m3fn)  # the largest
@@ -81,6 +81,9 @@ def test_one_row_fma_kernel_matches_reference(device, mode, n, k):
     assert _rel(split, ref) < 1e-5
     with pytest.raises(ValueError, match="got 5 rows"):
         nvfp4_linear(torch.cat([x] * 5), w, config=(1, 16, 64, 4, 1, 1))
+    if k % 512:
+        with pytest.raises(ValueError, match="whole 512-column tiles"):
+            nvfp4_linear(x, w, config=(1, 16, 512, 4, 1, 1))
 
 
 def test_split_k_is_deterministic_and_rearms(device):
