@@ -29,7 +29,7 @@ def kernels(shapes: str, as_json: bool) -> None:
 @click.option("--layers", type=click.IntRange(1), default=1, show_default=True, help="Full-width MoE layers (~9.3 GB each).")
 @click.option("--devices", default="cuda,cpu", show_default=True, help="Comma-separated devices to convert on.")
 def convert_cmd(workdir: str, layers: int, devices: str) -> None:
-    """End-to-end NVFP4 conversion GB/s of a generated Step-3.7-shaped checkpoint, GPU and CPU (each after
-    an untimed warm-up conversion of a tiny one)."""
+    """End-to-end NVFP4 conversion GB/s of a generated Step-3.7-shaped checkpoint, GPU and CPU (each run
+    twice: the second is the steady rate, the first is reported too)."""
     result = bench_convert(workdir, layers, tuple(d.strip() for d in devices.split(",") if d.strip()), echo=click.echo)
     click.echo(json.dumps(result, indent=2))

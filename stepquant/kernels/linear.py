@@ -52,6 +52,14 @@ def _act_scales(vmax, gs, rcp_gs, APPROX: tl.constexpr):
 
 
 @triton.jit
+def _nvfp4_values(x3, gs, APPROX: tl.constexpr):
+    """Activations [A, B, 16] (fp32, blocks of 16 on the last axis) -> the `code x block scale` values
+    Blackwell's recipe rounds them to (exact in bf16; the input scale not applied), gs = 1 / input_scale."""
+    sf_bits, sf, out_scale = _act_scales(tl.max(tl.abs(x3), axis=2), gs, _rcp(gs, APPROX), APPROX)
+    return _fp4_bits_to_f32(_e2m1(x3 * out_scale[:, :, None])) * (sf * 16384.0)[:, :, None]
+
+
+@triton.jit
 def _fp4_bits_to_f32(code):
     """E2M1 code (sign bit 3) -> its value / 2^14, decoded on the bits: the magnitude goes into an fp16's
     exponent/mantissa fields (0.5 lands on the fp16 subnormal 2^-15), the caller multiplies by 2^14."""
@@ -178,6 +186,14 @@ def _scale_bytes(sw, BN: tl.constexpr, BK: tl.constexpr):
 def _x_pairs(row_ptr, k0, BK: tl.constexpr):
     """Activations [k0, k0 + BK) of one bf16 row, read as int32 words of two (element 2i in the low half)."""
     return tl.load(row_ptr.to(tl.pointer_type(tl.int32)) + k0 // 2 + tl.arange(0, BK // 2))
+
+
+@triton.jit
+def _pairs_of(v):
+    """bf16-exact fp32 values [BK] -> int32 words of two bf16 [BK/2], as `_x_pairs` reads them."""
+    bits = (v.to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+    lo, hi = tl.split(tl.reshape(bits, (v.shape[0] // 2, 2)))
+    return lo | (hi << 16)
 
 
 @triton.jit
@@ -424,12 +440,12 @@ def _act_quant_kernel(x_ptr, q_ptr, sf_ptr, scalars_ptr, M, K, FAKE: tl.constexp
     x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
     gs = tl.load(scalars_ptr + 1)
     x3 = tl.reshape(x, (BM, BK // 16, 16))
-    sf_bits, sf, out_scale = _act_scales(tl.max(tl.abs(x3), axis=2), gs, _rcp(gs, APPROX), APPROX)
-    codes = _e2m1(x3 * out_scale[:, :, None])
     if FAKE:
-        values = _fp4_bits_to_f32(codes) * (sf * 16384.0)[:, :, None]
+        values = _nvfp4_values(x3, gs, APPROX)
         tl.store(q_ptr + rm[:, None] * K + rk[None, :], tl.reshape(values, (BM, BK)).to(tl.bfloat16), mask=mask)
     else:
+        sf_bits, sf, out_scale = _act_scales(tl.max(tl.abs(x3), axis=2), gs, _rcp(gs, APPROX), APPROX)
+        codes = _e2m1(x3 * out_scale[:, :, None])
         lo, hi = tl.split(tl.reshape(codes, (BM, BK // 2, 2)))
         rkh = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
         tl.store(q_ptr + rm[:, None] * (K // 2) + rkh[None, :], lo | (hi << 4), mask=(rm[:, None] < M) & (rkh[None, :] < K // 2))

@@ -94,8 +94,9 @@ def test_one_row_kernel_matches_reference(device, mode, limit):
     ref = fused_moe_reference(x, ids, w, gu, dn, mode, limit=limit)
     out32 = fused_moe(x, ids, w, gu, dn, mode, limit=limit, config=(1, 16, 64, 2, 3), out_dtype=torch.float32)
     assert _rel(out32, ref) < (1e-5 if device == "cpu" else 1e-3)
-    down8 = fused_moe(x, ids, w, gu, dn, mode, limit=limit, config=(1, 16, 64, 2, 3, 8), out_dtype=torch.float32)
-    assert _rel(down8, ref) < (1e-5 if device == "cpu" else 1e-3)
+    # BN 8: gate_up's programs hold half a 16-block of h, so w4a4 rounds h in a launch of its own
+    bn8 = fused_moe(x, ids, w, gu, dn, mode, limit=limit, config=(1, 8, 64, 2, 3, 8), out_dtype=torch.float32)
+    assert _rel(bn8, ref) < (1e-5 if device == "cpu" else 1e-3)
     mma = fused_moe(x, ids, w, gu, dn, mode, limit=limit, config=(16, 16, 64, 4), out_dtype=torch.float32)
     assert _rel(out32, mma) < (1e-5 if device == "cpu" else 1e-3)
     with pytest.raises(ValueError, match="BM = 1"):
