@@ -189,14 +189,6 @@ def _x_pairs(row_ptr, k0, BK: tl.constexpr):
 
 
 @triton.jit
-def _pairs_of(v):
-    """bf16-exact fp32 values [BK] -> int32 words of two bf16 [BK/2], as `_x_pairs` reads them."""
-    bits = (v.to(tl.int32, bitcast=True) >> 16) & 0xFFFF
-    lo, hi = tl.split(tl.reshape(bits, (v.shape[0] // 2, 2)))
-    return lo | (hi << 16)
-
-
-@triton.jit
 def _word_dots(acc, words, sf, xw, ASM: tl.constexpr):
     """acc [BN, BK/8] + weight words [BN, BK/8] (their scale operands alike) times one row of activations
     (`_x_pairs`, [BK/2]): each word's 8 products (scale included) added in fp32, one FMA each."""

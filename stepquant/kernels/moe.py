@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import interpreting
 from .quantize import _bf16_rne, _e4m3_rne
-from .linear import _e4m3_value, _load_words, _mma_t, _nvfp4_tile, _nvfp4_values, _pairs_of, _scale_bytes, _word_dots, _x_pairs, blackwell_activations, dequantize_nvfp4, nvfp4_fake_quantize
+from .linear import _e4m3_value, _load_words, _mma_t, _nvfp4_tile, _nvfp4_values, _scale_bytes, _word_dots, _x_pairs, blackwell_activations, dequantize_nvfp4, nvfp4_fake_quantize
 
 WFMTS = {"bf16": 1, "fp8": 2}  # the reference kernel's weight formats
 
@@ -169,14 +169,13 @@ def _moe_nvfp4_kernel(
 @triton.jit
 def _moe_row_gate_up_kernel(
     a_ptr, w_ptr, sf_ptr, scalars_ptr, down_scalars_ptr, h_ptr, topk_ids_ptr, N, K, stride_a, TOPK, limit, ALPHA_IDX,
-    HAS_LIMIT: tl.constexpr, AQ_IN: tl.constexpr, AQ_OUT: tl.constexpr, ASM: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, AQ_OUT: tl.constexpr, ASM: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Decode, one program per routed pair and BN rows: SwiGLU(gate, up) of the pair's token through its
     expert, with the one-row GEMV's fp32 products of decoded words (no MMA, no routing: the expert is
-    topk_ids[pair]), STAGES weight tiles in flight. w4a4 in the same launch: AQ_IN rounds each activation
-    tile to its NVFP4 values (gate_up's input scale), AQ_OUT the BN outputs (whole 16-blocks of the
-    intermediate) with down's, so neither needs a launch of its own."""
+    topk_ids[pair]), STAGES weight tiles in flight. w4a4: AQ_OUT rounds the BN outputs (whole 16-blocks of
+    the intermediate) to their NVFP4 values with down's input scale, so that needs no launch of its own."""
     pair = tl.program_id(0)
     e64 = tl.load(topk_ids_ptr + pair).to(tl.int64)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -187,12 +186,7 @@ def _moe_row_gate_up_kernel(
     acc = tl.zeros((BN, BK // 8), dtype=tl.float32)
     acc_up = tl.zeros((BN, BK // 8), dtype=tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
-        if AQ_IN:
-            xv = tl.load(xp + k0 + tl.arange(0, BK)).to(tl.float32)
-            xv = _nvfp4_values(tl.reshape(xv, (1, BK // 16, 16)), tl.load(scalars_ptr + 2), ASM)
-            x = _pairs_of(tl.reshape(xv, (BK,)))
-        else:
-            x = _x_pairs(xp, k0, BK)
+        x = _x_pairs(xp, k0, BK)
         words, sw = _load_words(w_e, sf_e, rn, nmask, k0, K, BK)
         acc = _word_dots(acc, words, _scale_bytes(sw, BN, BK), x, ASM)
         words, sw = _load_words(w_e, sf_e, rn + N, nmask, k0, K, BK)
@@ -364,8 +358,8 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     h = torch.empty(T * topk, inter, dtype=torch.bfloat16, device=x.device)
     limit_ = float(limit or 0.0)
     # w4a4: the activations rounded to their NVFP4 values (one input scale per layer, so any expert's scalars
-    # serve), then the w4a16 kernels with alpha = input_scale x weight scale; at decode inside gate_up
-    if nvfp4 and aq1 and bm != 1:
+    # serve), then the w4a16 kernels with alpha = input_scale x weight scale
+    if nvfp4 and aq1:
         a = nvfp4_fake_quantize(a, gate_up.scalars[0, 1:])
     if bm == 1:  # decode: one program per pair (gate_up) and per token (down, which also combines)
         flat_ids = topk_ids.reshape(-1).contiguous()  # int64 or int32: read as they are (no conversion launch)
@@ -374,7 +368,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         _moe_row_gate_up_kernel[(T * topk, triton.cdiv(inter, bn))](
             a, gate_up.weight.view(torch.int32), gate_up.weight_scale.view(torch.int32), gate_up.scalars, down.scalars,
             h, flat_ids, inter, H, a.stride(0), topk, limit_, aq1,
-            HAS_LIMIT=limit is not None, AQ_IN=bool(aq1), AQ_OUT=h_blocks, BN=bn, BK=_fit(bk, H), **common,
+            HAS_LIMIT=limit is not None, AQ_OUT=h_blocks, BN=bn, BK=_fit(bk, H), **common,
         )  # fmt: skip
         if aq2 and not h_blocks:
             h = nvfp4_fake_quantize(h, down.scalars[0, 1:])
