@@ -189,10 +189,11 @@ def bench_convert(workdir: str | Path, layers: int = 1, devices: tuple[str, ...]
     """End-to-end conversion of a generated Step-3.7-shaped checkpoint (`layers` full-width MoE layers,
     ~9.3 GB each) on each device: the NVFP4 weight path of the release recipe (routed experts, stacked,
     ModelOpt naming) without calibration, from a warm page cache and an idle disk (synced first), twice in
-    this process: the second run
-    is the rate a large checkpoint sees layer after layer, the first also pays one-time set-up (CUDA,
-    kernel compiles, pinning host buffers; reported as `first_seconds`). Outputs compared byte for byte.
+    this process (garbage collected before each): the second run is the rate a large checkpoint sees
+    layer after layer, the first also pays one-time set-up (CUDA, kernel compiles, pinning host buffers;
+    reported as `first_seconds`). Outputs compared byte for byte.
     `shape` (a `StepShape`) replaces the full-width one, for tests."""
+    import gc
     import hashlib
     import json
     import os
@@ -220,6 +221,7 @@ def bench_convert(workdir: str | Path, layers: int = 1, devices: tuple[str, ...]
                               device=dev, overwrite=True)  # fmt: skip
         secs = []
         for _ in range(2):
+            gc.collect()  # the last run's buffers (pinned ones included) freed for reuse, as between layers
             os.sync()  # the disk idle first: no writeback of the generated source or an earlier output competes
             t0 = time.perf_counter()
             convert(src, out, opts)
