@@ -217,8 +217,8 @@ def _moe_row_down_kernel(
         e64 = tl.load(topk_ids_ptr + pair).to(tl.int64)
         coef = tl.load(scalars_ptr + e64 * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair)
         words, sw = _load_words(w_ptr + e64 * N * (K // 8), sf_ptr + e64 * N * (K // 64), rn, nmask, k0, K, BK)
-        part = _word_dots(tl.zeros((BN, BK // 8), dtype=tl.float32), words, _scale_bytes(sw, BN, BK), _x_pairs(h_ptr + pair * K, k0, BK), ASM)
-        total += part * coef
+        x = _x_pairs(h_ptr + pair * K, k0, BK)
+        total += _word_dots(tl.zeros((BN, BK // 8), dtype=tl.float32), words, _scale_bytes(sw, BN, BK), x, ASM) * coef
     tl.store(out_ptr + t * N + rn, tl.sum(total, 1).to(out_ptr.dtype.element_ty), mask=nmask)
 
 
@@ -331,7 +331,7 @@ def _modes(experts: Experts, mode: str) -> int:
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: Experts,
-              down: Experts, mode: str, limit: float | None = None, config: tuple[int, int, int, int] | None = None,
+              down: Experts, mode: str, limit: float | None = None, config: tuple[int, ...] | None = None,
               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
     """Routed experts of one MoE layer: `sum_j w_j * down_e(SwiGLU(gate_up_e(x)))` for each token's
     top-k experts `e = topk_ids[t, j]` with weights `topk_weights[t, j]`; `limit` is the Step clamp.
