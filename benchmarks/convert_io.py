@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from stepquant import shards
-from stepquant.bench import bench_convert
-from stepquant.convert import ConvertOptions, convert
+from stepquant.bench import bench_convert, convert_options
+from stepquant.convert import convert
 
 
 def _read_range(job: tuple[Path, int, int]) -> int:
@@ -76,8 +76,7 @@ def main() -> None:
     src = sorted((work / "src").glob("*.safetensors"))
     res |= host_rates(src)
     nbytes = sum(p.stat().st_size for p in src)
-    opts = ConvertOptions(recipe="step3p7-nvfp4-moe-only-kvfp8", to="w4a16-nvfp4", kv_cache="none", device="cuda",
-                          overwrite=True)  # fmt: skip
+    opts = convert_options("cuda")
     real_sync, real_fsync, real_writer = os.fdatasync, os.fsync, shards._Writer.__init__
 
     def no_hash(self, f, digest):

@@ -199,7 +199,7 @@ def bench_convert(workdir: str | Path, layers: int = 1, devices: tuple[str, ...]
     import os
     import time
 
-    from .convert import ConvertOptions, convert
+    from .convert import convert
     from .synthetic import StepShape
 
     if "cuda" in devices:
@@ -217,8 +217,7 @@ def bench_convert(workdir: str | Path, layers: int = 1, devices: tuple[str, ...]
     digests = {}
     for dev in devices:
         out = work / f"out-{dev}"
-        opts = ConvertOptions(recipe="step3p7-nvfp4-moe-only-kvfp8", to="w4a16-nvfp4", kv_cache="none",
-                              device=dev, overwrite=True)  # fmt: skip
+        opts = convert_options(dev)
         secs = []
         for _ in range(2):
             gc.collect()  # the last run's buffers (pinned ones included) freed for reuse, as between layers
@@ -237,6 +236,15 @@ def bench_convert(workdir: str | Path, layers: int = 1, devices: tuple[str, ...]
         result["speedup"] = result["runs"]["cpu"]["seconds"] / result["runs"]["cuda"]["seconds"]
         result["first_speedup"] = result["runs"]["cpu"]["first_seconds"] / result["runs"]["cuda"]["first_seconds"]
     return result
+
+
+def convert_options(device: str):
+    """What `bench convert` runs on `device`: the release recipe's NVFP4 weight path (routed experts,
+    stacked, ModelOpt naming), no calibration, replacing the last output."""
+    from .convert import ConvertOptions
+
+    return ConvertOptions(recipe="step3p7-nvfp4-moe-only-kvfp8", to="w4a16-nvfp4", kv_cache="none", device=device,
+                          overwrite=True)  # fmt: skip
 
 
 def _generated(folder: Path, shape, echo) -> Path:

@@ -328,9 +328,8 @@ def _gemv_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
     if interpreting():
         return (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1), 1
     if m == 1:  # small tiles, a deep cp.async pipeline, K split only when there are few programs
-        bk = 256 if k % 256 == 0 else 128 if k % 128 == 0 else 64
-        bn, warps = (8, 2) if n * k < 1 << 23 else (16, 2)
-        if n * k >= 1 << 23 and k >= 8192 and k % 512 == 0:  # long rows: twice the columns, twice the warps
+        bn, bk, warps = (8 if n * k < 1 << 23 else 16), _fit(256, k), 2
+        if bn == 16 and k >= 8192 and k % 512 == 0:  # long rows: twice the columns, twice the warps
             bk, warps = 512, 4
         tiles, split = triton.cdiv(n, bn), 1
         while tiles * split < 128 and k // (split * 2) >= 2 * bk:
@@ -338,12 +337,19 @@ def _gemv_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
         return 1, bn, bk, warps, split, 5
     bm = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
     bn, warps = (64, 4) if n * k >= 1 << 24 else (32, 2)
-    bk = 128 if k % 128 == 0 else 64
+    bk = _fit(128, k)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split = 1
     while tiles * split < 264 and k // (split * 2) >= 2 * bk:  # 132 SMs
         split *= 2
     return bm, bn, bk, warps, split, 3
+
+
+def _fit(bk: int, k: int) -> int:
+    """The largest of bk, bk/2, ... (at least 64) that divides k: NVFP4 tiles read whole BK columns."""
+    while bk > 64 and k % bk:
+        bk //= 2
+    return bk
 
 
 def nvfp4_dequantize(w: NVFP4Weight) -> torch.Tensor:
@@ -353,7 +359,7 @@ def nvfp4_dequantize(w: NVFP4Weight) -> torch.Tensor:
         return (dequantize_nvfp4(w.weight, w.weight_scale.view(torch.float8_e4m3fn), 1.0, torch.float32) / 256).to(torch.bfloat16)
     out = torch.empty(n, k, dtype=torch.bfloat16, device=w.weight.device)
     bn, bk = (16, 64) if interpreting() else (64, 128)
-    bk = bk if k % bk == 0 else 64
+    bk = _fit(bk, k)
     _nvfp4_dequant_kernel[(triton.cdiv(n, bn), k // bk)](
         w.weight.view(torch.int32), w.weight_scale.view(torch.int32), out, n, k, ASM=not interpreting(), BN=bn, BK=bk)
     return out

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import interpreting
 from .quantize import _bf16_rne, _e4m3_rne
-from .linear import _e4m3_value, _load_words, _mma_t, _nvfp4_tile, _nvfp4_values, _scale_bytes, _word_dots, _x_pairs, blackwell_activations, dequantize_nvfp4, nvfp4_fake_quantize
+from .linear import _e4m3_value, _fit, _load_words, _mma_t, _nvfp4_tile, _nvfp4_values, _scale_bytes, _word_dots, _x_pairs, blackwell_activations, dequantize_nvfp4, nvfp4_fake_quantize
 
 WFMTS = {"bf16": 1, "fp8": 2}  # the reference kernel's weight formats
 
@@ -410,13 +410,6 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
             WFMT=WFMTS[down.fmt], AQ=aq2, **common,
         )  # fmt: skip
     return y.view(T, topk, H).sum(1).to(out_dtype)
-
-
-def _fit(bk: int, k: int) -> int:
-    """The largest of bk, bk/2, ... (at least 64) that divides k: NVFP4 tiles read whole BK columns."""
-    while bk > 64 and k % bk:
-        bk //= 2
-    return bk
 
 
 def _down_bn(tokens: int, hidden: int, bn: int) -> int:
