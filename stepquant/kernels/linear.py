@@ -75,23 +75,27 @@ def _fp4_bits_to_f32(code):
 # shifts, so pair j holds elements (j, j + 4). Then one bf16x2 multiply by the scale x 2^118 (its E4M3
 # bits as an fp16, subnormals included, widened and x 2^126 in fp32): every product has at most 6
 # significant bits, so it is exact. About 3 instructions per weight element, no tables.
-_PAIRS = """
-.reg .b32 m, s, t, u, ss;
-.reg .b16 t16, u16;
-.reg .f32 f;
-shl.b32 t, $5, 7; and.b32 t, t, 0x3F80; mov.b32 {t16, u16}, t; cvt.f32.f16 f, t16; mul.f32 f, f, 0f7E800000;
-mov.b32 t, f; prmt.b32 ss, t, t, 0x3232;
-shl.b32 m, $4, 6; shl.b32 s, $4, 12; and.b32 m, m, 0x01C001C0; lop3.b32 $0, m, s, 0x80008000, 0xF8;
-shl.b32 m, $4, 2; shl.b32 s, $4, 8; and.b32 m, m, 0x01C001C0; lop3.b32 $1, m, s, 0x80008000, 0xF8;
-shr.b32 m, $4, 2; shl.b32 s, $4, 4; and.b32 m, m, 0x01C001C0; lop3.b32 $2, m, s, 0x80008000, 0xF8;
-shr.b32 m, $4, 6; and.b32 m, m, 0x01C001C0; lop3.b32 $3, m, $4, 0x80008000, 0xF8;
-"""
-_DECODE_PTX = tl.constexpr("{" + _PAIRS + """
-mul.rn.bf16x2 $0, $0, ss; mul.rn.bf16x2 $1, $1, ss; mul.rn.bf16x2 $2, $2, ss; mul.rn.bf16x2 $3, $3, ss;
-}""")
+def _scale_ptx(byte: str, ss: str) -> str:
+    """PTX: the E4M3 scale in the low byte of `byte` (higher bits ignored) -> `ss` = scale x 2^118, a bf16 pair."""
+    return (f"shl.b32 m, {byte}, 7; and.b32 m, m, 0x3F80; mov.b32 {{h16, l16}}, m; cvt.f32.f16 f, h16; "
+            f"mul.f32 f, f, 0f7E800000; mov.b32 m, f; prmt.b32 {ss}, m, m, 0x3232;\n")
+
+
+def _pairs_ptx(word: str, p: list[str], ss: str | None) -> str:
+    """PTX: the 8 codes of `word` -> bf16 pairs p[j] = elements (j, j + 4) (x the scale pair `ss`, if given)."""
+    mul = "".join(f"mul.rn.bf16x2 {r}, {r}, {ss}; " for r in p) + "\n" if ss else ""
+    return f"""shl.b32 m, {word}, 6; shl.b32 s, {word}, 12; and.b32 m, m, 0x01C001C0; lop3.b32 {p[0]}, m, s, 0x80008000, 0xF8;
+shl.b32 m, {word}, 2; shl.b32 s, {word}, 8; and.b32 m, m, 0x01C001C0; lop3.b32 {p[1]}, m, s, 0x80008000, 0xF8;
+shr.b32 m, {word}, 2; shl.b32 s, {word}, 4; and.b32 m, m, 0x01C001C0; lop3.b32 {p[2]}, m, s, 0x80008000, 0xF8;
+shr.b32 m, {word}, 6; and.b32 m, m, 0x01C001C0; lop3.b32 {p[3]}, m, {word}, 0x80008000, 0xF8;
+{mul}"""
+
+
+_REGS = ".reg .b32 m, s, t, u, f, ss;\n.reg .b16 h16, l16;\n"
+_DECODE_PTX = tl.constexpr("{" + _REGS + _scale_ptx("$5", "ss") + _pairs_ptx("$4", ["$0", "$1", "$2", "$3"], "ss") + "}")
 # The same, re-paired with prmt into adjacent elements (0, 1), (2, 3), (4, 5), (6, 7): how the MMA's operand
 # registers hold them.
-_DECODE_ADJACENT_PTX = tl.constexpr("{" + _PAIRS + """
+_DECODE_ADJACENT_PTX = tl.constexpr("{" + _REGS + _scale_ptx("$5", "ss") + _pairs_ptx("$4", ["$0", "$1", "$2", "$3"], None) + """
 mul.rn.bf16x2 m, $0, ss; mul.rn.bf16x2 s, $1, ss; mul.rn.bf16x2 t, $2, ss; mul.rn.bf16x2 u, $3, ss;
 prmt.b32 $0, m, s, 0x5410; prmt.b32 $1, t, u, 0x5410; prmt.b32 $2, m, s, 0x7632; prmt.b32 $3, t, u, 0x7632;
 }""")
@@ -253,19 +257,162 @@ def _nvfp4_gemv_kernel(
             acc = _mma_t(acc, w, a, ASM)
     omask = (rn[:, None] < N) & (rm[None, :] < M)
     alpha = tl.load(scalars_ptr + ALPHA_IDX) * 256.0
-    optrs = out_ptr + rm[None, :] * stride_om + rn[:, None]
     if SPLIT == 1:
-        tl.store(optrs, (acc * alpha).to(out_ptr.dtype.element_ty), mask=omask)
+        tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], (acc * alpha).to(out_ptr.dtype.element_ty), mask=omask)
     else:
+        tl.store(part_ptr + pid_k * M * N + rm[None, :] * N + rn[:, None], acc, mask=omask)
+        _add_parts(part_ptr, out_ptr, count_ptr + pid_m * tl.num_programs(0) + pid_n, rn, rm, M, N, stride_om, alpha, SPLIT)
+
+
+@triton.jit
+def _add_parts(part_ptr, out_ptr, tile, rn, rm, M, N, stride_om, alpha, SPLIT):
+    """One-launch split-K: after this program's part [SPLIT, M, N] is written, the last program of the tile
+    (rows rn x tokens rm) to arrive (its counter) adds the parts up in a fixed order -- deterministic -- and
+    resets the counter for the next call."""
+    tl.debug_barrier()  # every thread's part is written before the counter moves
+    if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT - 1:
+        omask = (rn[:, None] < N) & (rm[None, :] < M)
         pptrs = part_ptr + rm[None, :] * N + rn[:, None]
-        tl.store(pptrs + pid_k * M * N, acc, mask=omask)
-        tile = count_ptr + pid_m * tl.num_programs(0) + pid_n
-        if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT - 1:  # every other part is written
-            total = tl.zeros((BN, BM), dtype=tl.float32)
-            for s in range(SPLIT):  # a fixed order: deterministic
-                total += tl.load(pptrs + s * M * N, mask=omask, other=0.0, cache_modifier=".cg")
-            tl.store(optrs, (total * alpha).to(out_ptr.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(tile, 0)  # ready for the next call
+        total = tl.zeros((rn.shape[0], rm.shape[0]), dtype=tl.float32)
+        for s in range(SPLIT):
+            total += tl.load(pptrs + s * M * N, mask=omask, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], (total * alpha).to(out_ptr.dtype.element_ty), mask=omask)
+        tl.atomic_xchg(tile, 0)
+
+
+# -- a few rows (2-8 tokens): mma.sync with every lane's operands filled by PTX ---------------------------
+# The one-row kernel's FMAs cost 8 tokens 8x the work; Triton's own MMA route moves each decoded tile through
+# shared memory. Here each warp owns 16 weight rows and puts the decoded values straight into the registers of
+# `mma.sync.m16n8k16` (weight rows on the MMA's M side, tokens on N). Lane (g, t) = (lane / 4, lane % 4) reads
+# 16 bytes of rows g and g + 8: columns [32 t, 32 t + 32) of a 128-column step, four words. A K sum does not
+# care in which order its terms come, so the MMA's k index need not be the column: word w's pairs (j, j + 4)
+# (what the decode gives) go to k = (2 t, 2 t + 1) and (2 t + 8, 2 t + 9) of two MMAs, and the same lane
+# hands the MMA the activations of those same columns (token g, two prmt a word). The next step's words are
+# loaded into a second register set while this step computes (the loop runs two steps a turn).
+# Triton does not know which thread holds which element of the [32 W] tensors these values live in; the
+# PTX checks that element e sits on thread e and otherwise returns NaN, never a wrong number.
+def _rows8_step_ptx() -> str:
+    """One 128-column step, 4 accumulators: (out) c0-c3, next words n0-n7 and scale pairs; (in) c0-c3, this
+    step's words w0-w7 (rows g: 0-3, g + 8: 4-7) and scale pairs s0, s1 (two bytes: blocks 2t, 2t + 1), the next
+    step's addresses (words of rows g, g + 8, scales of rows g, g + 8), this step's activations of token g,
+    the steps left after this one, and the element index."""
+    c, nw, ns = [f"${i}" for i in range(4)], [f"${4 + i}" for i in range(8)], ["$12", "$13"]
+    c_in, w, s = [f"${14 + i}" for i in range(4)], [f"${18 + i}" for i in range(8)], ["$26", "$27"]
+    wa0, wa1, sa0, sa1, xa, left, elem = (f"${28 + i}" for i in range(7))
+    out = ["{", _REGS, ".reg .b32 q<32>, x<16>, b0, b1, ss<4>, tx;", ".reg .pred pn, bad;",
+           f"setp.gt.s32 pn, {left}, 0;",
+           f"@pn ld.global.nc.L1::no_allocate.v4.u32 {{{', '.join(nw[:4])}}}, [{wa0}];",
+           f"@pn ld.global.nc.L1::no_allocate.v4.u32 {{{', '.join(nw[4:])}}}, [{wa1}];",
+           f"@pn ld.global.nc.L1::no_allocate.u16 {ns[0]}, [{sa0}];",
+           f"@pn ld.global.nc.L1::no_allocate.u16 {ns[1]}, [{sa1}];"]
+    out += [f"ld.global.nc.v4.u32 {{x{4 * v}, x{4 * v + 1}, x{4 * v + 2}, x{4 * v + 3}}}, [{xa}+{16 * v}];" for v in range(4)]
+    for r in range(2):  # ss<2r>, ss<2r + 1>: row g (+ 8)'s two blocks
+        out.append(_scale_ptx(s[r], f"ss{2 * r}") + f"shr.b32 t, {s[r]}, 8; " + _scale_ptx("t", f"ss{2 * r + 1}"))
+        out += [_pairs_ptx(w[4 * r + k], [f"q{16 * r + 4 * k + j}" for j in range(4)], f"ss{2 * r + k // 2}") for k in range(4)]
+    for k in range(4):  # word k of the lane's four
+        for h in range(2):  # pairs (2h, 2h + 4) and (2h + 1, 2h + 5): activation words 4k + h and 4k + h + 2
+            a = f"q{4 * k + 2 * h}, q{16 + 4 * k + 2 * h}, q{4 * k + 2 * h + 1}, q{16 + 4 * k + 2 * h + 1}"
+            x0, x2 = f"x{4 * k + h}", f"x{4 * k + h + 2}"
+            acc_in = ", ".join(c_in if k == h == 0 else c)
+            out.append(f"prmt.b32 b0, {x0}, {x2}, 0x5410; prmt.b32 b1, {x0}, {x2}, 0x7632;\n"
+                       f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{', '.join(c)}}}, {{{a}}}, {{b0, b1}}, {{{acc_in}}};")
+    out.append(f"mov.u32 tx, %tid.x; setp.ne.u32 bad, tx, {elem};")
+    out += [f"@bad mov.b32 {r}, 0x7FC00000;" for r in c]
+    return "\n".join(out + ["}"])
+
+
+_ROWS8_STEP_PTX = tl.constexpr(_rows8_step_ptx())
+_ROWS8_LOAD_PTX = tl.constexpr("""{
+ld.global.nc.L1::no_allocate.v4.u32 {$0, $1, $2, $3}, [$10];
+ld.global.nc.L1::no_allocate.v4.u32 {$4, $5, $6, $7}, [$11];
+ld.global.nc.L1::no_allocate.u16 $8, [$12];
+ld.global.nc.L1::no_allocate.u16 $9, [$13];
+}""")
+
+
+@triton.jit
+def _i64(p):
+    return p.to(tl.int64, bitcast=True)
+
+
+@triton.jit
+def _rows8_step(c0, c1, c2, c3, w0, w1, w2, w3, w4, w5, w6, w7, s0, s1, wp0, wp1, sp0, sp1, xp, d, left, elem):
+    """The step at column offset d (relative to the split's start); returns the accumulators and the next
+    step's words and scales."""
+    e = d + 128
+    return tl.inline_asm_elementwise(
+        _ROWS8_STEP_PTX, "=&r," * 14 + "r," * 14 + "l,l,l,l,l,r,r",
+        [c0, c1, c2, c3, w0, w1, w2, w3, w4, w5, w6, w7, s0, s1,
+         _i64(wp0 + e // 8), _i64(wp1 + e // 8), _i64(sp0 + e // 16), _i64(sp1 + e // 16), _i64(xp + d), left, elem],
+        dtype=(tl.float32,) * 4 + (tl.int32,) * 10, is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _rows8_store(ptr, c0, c1, c2, c3, row, tok, M, N, stride, alpha):
+    """Accumulator fragment -> [tokens, rows]: c0, c1 are row g's tokens 2t, 2t + 1; c2, c3 row g + 8's."""
+    ty = ptr.dtype.element_ty
+    p = ptr + tok * stride + row
+    tl.store(p, (c0 * alpha).to(ty), mask=(tok < M) & (row < N))
+    tl.store(p + stride, (c1 * alpha).to(ty), mask=(tok + 1 < M) & (row < N))
+    tl.store(p + 8, (c2 * alpha).to(ty), mask=(tok < M) & (row + 8 < N))
+    tl.store(p + stride + 8, (c3 * alpha).to(ty), mask=(tok + 1 < M) & (row + 8 < N))
+
+
+@triton.jit
+def _nvfp4_rows8_kernel(
+    a_ptr, w_ptr, sf_ptr, out_ptr, part_ptr, count_ptr, scalars_ptr, M, N, K, K_PER_SPLIT, stride_am, stride_om, SPLIT,
+    ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, W: tl.constexpr,
+):  # fmt: skip
+    """out[M, N] = alpha * a[M, K] @ W.T for M <= 8 (K_PER_SPLIT a multiple of 256, N of 16): W warps of 16 weight
+    rows each, through mma.sync (see above). Under the interpreter the same tiles through tl.dot."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    ks = pid_k * K_PER_SPLIT
+    ke = tl.minimum(ks + K_PER_SPLIT, K)
+    alpha = tl.load(scalars_ptr + ALPHA_IDX) * 256.0
+    rn = pid_n * (16 * W) + tl.arange(0, 16 * W)
+    rm = tl.arange(0, 8)
+    if ASM:
+        elem = tl.arange(0, 32 * W)  # the thread this element must be on
+        g = elem % 32 // 4
+        t = elem % 4
+        row = pid_n * (16 * W) + elem // 32 * 16 + g
+        r0 = tl.minimum(row, N - 1).to(tl.int64)
+        r1 = tl.minimum(row + 8, N - 1).to(tl.int64)
+        wp0 = w_ptr + r0 * (K // 8) + ks // 8 + 4 * t
+        wp1 = w_ptr + r1 * (K // 8) + ks // 8 + 4 * t
+        sfb = sf_ptr.to(tl.pointer_type(tl.uint8))
+        sp0 = sfb + r0 * (K // 16) + ks // 16 + 2 * t
+        sp1 = sfb + r1 * (K // 16) + ks // 16 + 2 * t
+        xp = a_ptr + tl.minimum(g, M - 1).to(tl.int64) * stride_am + ks + 32 * t
+        w0, w1, w2, w3, w4, w5, w6, w7, s0, s1 = tl.inline_asm_elementwise(
+            _ROWS8_LOAD_PTX, "=&r," * 10 + "l,l,l,l", [_i64(wp0), _i64(wp1), _i64(sp0), _i64(sp1)],
+            dtype=(tl.int32,) * 10, is_pure=False, pack=1)  # fmt: skip
+        c0 = tl.zeros((32 * W,), dtype=tl.float32)
+        c1, c2, c3 = c0, c0, c0
+        for k0 in range(ks, ke, 256):  # two steps a turn: two register sets, so a load is first used a step later
+            d = k0 - ks
+            c0, c1, c2, c3, v0, v1, v2, v3, v4, v5, v6, v7, u0, u1 = _rows8_step(
+                c0, c1, c2, c3, w0, w1, w2, w3, w4, w5, w6, w7, s0, s1, wp0, wp1, sp0, sp1, xp, d, (ke - k0) // 128 - 1, elem)
+            c0, c1, c2, c3, w0, w1, w2, w3, w4, w5, w6, w7, s0, s1 = _rows8_step(
+                c0, c1, c2, c3, v0, v1, v2, v3, v4, v5, v6, v7, u0, u1, wp0, wp1, sp0, sp1, xp, d + 128, (ke - k0) // 128 - 2, elem)
+        if SPLIT == 1:
+            _rows8_store(out_ptr, c0, c1, c2, c3, row, 2 * t, M, N, stride_om, alpha)
+        else:
+            _rows8_store(part_ptr + pid_k * M * N, c0, c1, c2, c3, row, 2 * t, M, N, N, 1.0)
+    else:
+        acc = tl.zeros((16 * W, 8), dtype=tl.float32)
+        for k0 in range(ks, ke, 128):
+            w = _nvfp4_tile(w_ptr, sf_ptr, rn, rn < N, k0, K, False, 16 * W, 128)
+            a = tl.load(a_ptr + rm[:, None] * stride_am + k0 + tl.arange(0, 128)[None, :], mask=rm[:, None] < M, other=0.0)
+            acc = _mma_t(acc, w, a, False)
+        omask = (rn[:, None] < N) & (rm[None, :] < M)
+        if SPLIT == 1:
+            tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], (acc * alpha).to(out_ptr.dtype.element_ty), mask=omask)
+        else:
+            tl.store(part_ptr + pid_k * M * N + rm[None, :] * N + rn[:, None], acc, mask=omask)
+    if SPLIT > 1:
+        _add_parts(part_ptr, out_ptr, count_ptr + pid_n, rn, rm, M, N, stride_om, alpha, SPLIT)
 
 
 @triton.jit
@@ -296,12 +443,18 @@ class NVFP4Weight:
                else torch.tensor(float("nan")))  # fmt: skip
         one = torch.tensor(1.0)
         scalars = torch.stack([ws2, isc * ws2, one / isc, one])  # divided on the CPU: exactly rounded
-        return cls(weight.contiguous(), weight_scale.contiguous().view(torch.uint8), scalars.to(weight.device),
+        return cls(_aligned(weight), _aligned(weight_scale).view(torch.uint8), scalars.to(weight.device),
                    (float(scalars[0]), float(scalars[1])))  # fmt: skip
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.weight.shape[0], self.weight.shape[1] * 2
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous at a 16-byte aligned address (the kernels read int32 words and 16-byte vectors)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 # Up to this many rows of activations (and K a multiple of 64) the GEMV kernel runs; otherwise the weight
@@ -323,9 +476,13 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def _gemv_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
-    """(BM, BN, BK, warps, K splits, stages) for the GEMV kernel, from sweeps on an H100 (BENCHMARKS.md):
-    small tiles, K split until there are ~2 programs per SM. BM = 1 (one row) is the FMA variant."""
+    """(BM, BN, BK, warps, K splits, stages) for the GEMV kernels, from sweeps on an H100 (BENCHMARKS.md).
+    BM says which kernel: 1 the one-row FMA kernel, 8 the mma.sync kernel for 2-8 rows (BN = 16 x warps, BK
+    = 256 columns a turn, 2 register sets), 16 and up Triton's MMA kernel."""
+    rows8 = 2 <= m <= 8 and n % 16 == 0 and k % 256 == 0
     if interpreting():
+        if rows8:
+            return 8, 16, 256, 1, (2 if k >= 512 else 1), 2
         return (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1), 1
     if m == 1:  # small tiles, a deep cp.async pipeline, K split only when there are few programs
         bn, bk, warps = (8 if n * k < 1 << 23 else 16), _fit(256, k), 2
@@ -335,7 +492,12 @@ def _gemv_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
         while tiles * split < 128 and k // (split * 2) >= 2 * bk:
             split *= 2
         return 1, bn, bk, warps, split, 5
-    bm = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
+    if rows8:  # K split until ~512 programs (a few per SM keep enough loads in flight)
+        tiles, split = triton.cdiv(n, 64), 1
+        while split < 16 and tiles * split * 2 <= 512 and k // (split * 2) >= 256:
+            split *= 2
+        return 8, 64, 256, 4, split, 2
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bn, warps = (64, 4) if n * k >= 1 << 24 else (32, 2)
     bk = _fit(128, k)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -390,21 +552,27 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
         raise ValueError(f"the one-row GEMV (BM = 1) got {M} rows")
     if config is None and (M > GEMV_MAX_M or K % 64):
         return _dequant_matmul(a, w, idx, out_dtype).reshape(*lead, N)
+    if M <= 8 and a.data_ptr() % 16:
+        a = a.clone()  # 16-byte rows for the mma.sync kernel's vector loads
     bm, bn, bk, warps, split, stages = config or _gemv_blocks(M, N, K)
     if K % bk:
         raise ValueError(f"the GEMV kernel reads whole {bk}-column tiles; K = {K} is not a multiple")
+    if bm == 8 and (M > 8 or N % 16 or bk != 256 or bn != 16 * warps):
+        raise ValueError(f"the mma.sync kernel takes up to 8 rows, N a multiple of 16, BK 256 and BN 16 x warps; "
+                         f"got M = {M}, N = {N}, config {config}")  # fmt: skip
     per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     split = triton.cdiv(K, per_split)
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
     parts = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
     counters = _counters(x.device, grid[0] * grid[1]) if split > 1 else out
-    _nvfp4_gemv_kernel[grid](
-        a, w.weight.view(torch.int32), w.weight_scale.view(torch.int32), out, parts, counters, w.scalars,
-        M, N, K, per_split, a.stride(0), out.stride(0), split,
-        ALPHA_IDX=idx, ASM=not interpreting(), EVEN_N=N % bn == 0,
-        BM=bm, BN=bn, BK=bk, FMA=bm == 1, STAGES=stages, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    args = (a, w.weight.view(torch.int32), w.weight_scale.view(torch.int32), out, parts, counters, w.scalars,
+            M, N, K, per_split, a.stride(0), out.stride(0), split)  # fmt: skip
+    if bm == 8:
+        _nvfp4_rows8_kernel[grid[::2]](*args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, num_warps=warps, num_stages=1)
+    else:
+        _nvfp4_gemv_kernel[grid](*args, ALPHA_IDX=idx, ASM=not interpreting(), EVEN_N=N % bn == 0, BM=bm, BN=bn, BK=bk,
+                                 FMA=bm == 1, STAGES=stages, num_warps=warps, num_stages=stages)  # fmt: skip
     return out.reshape(*lead, N)
 
 

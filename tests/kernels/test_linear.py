@@ -86,6 +86,42 @@ def test_one_row_fma_kernel_matches_reference(device, mode, n, k):
             nvfp4_linear(x, w, config=(1, 16, 512, 4, 1, 1))
 
 
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+@pytest.mark.parametrize("m", [2, 5, 8])
+def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
+    """2-8 rows: each lane's mma.sync operands decoded in PTX (on CUDA; the interpreter runs the same tiles
+    through tl.dot), K split or not, N not a multiple of the program's rows."""
+    p, _, _ = _layer(48, 512, 7, device)
+    g = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, 512, generator=g) * 1.5).to(torch.bfloat16).to(device)
+    isc = FORMATS["nvfp4"].input_scale(x.float().abs().amax())
+    p["weight_scale"][0, 0] = torch.tensor(2.0**-9).to(torch.float8_e4m3fn)  # a subnormal E4M3 scale
+    ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode=mode)
+    w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc)
+    assert _gemv_blocks(m, 48, 512)[0] == 8
+    for config in (None, (8, 16, 256, 1, 1, 2), (8, 32, 256, 2, 2, 2), (8, 64, 256, 4, 1, 2)):
+        out = nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32, config=config)
+        assert _rel(out, ref) < 1e-5, config
+        assert torch.equal(nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32, config=config), out)
+    assert _rel(nvfp4_linear(x, w, mode=mode), ref) < 1e-2
+    with pytest.raises(ValueError, match="up to 8 rows"):
+        nvfp4_linear(torch.cat([x] * 5), w, config=(8, 16, 256, 1, 1, 2))
+
+
+def test_few_rows_unaligned_operands_are_served(device):
+    """The kernels' int32 and 16-byte loads: activations and weights at odd addresses are copied first."""
+    p, _, _ = _layer(32, 256, 8, device)
+    x = (torch.randn(3, 256) * 1.5).to(torch.bfloat16).to(device)
+    ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"])
+    odd_x = torch.empty(3 * 256 + 1, dtype=torch.bfloat16, device=device)[1:].view(3, 256)
+    odd_x.copy_(x)
+    odd_w = torch.empty(p["weight"].numel() + 1, dtype=torch.uint8, device=device)[1:].view(p["weight"].shape)
+    odd_w.copy_(p["weight"])
+    for xx, ww in ((odd_x, p["weight"]), (x, odd_w)):
+        w = NVFP4Weight.from_parts(ww, p["weight_scale"], p["weight_scale_2"])
+        assert _rel(nvfp4_linear(xx, w, out_dtype=torch.float32), ref) < 1e-5
+
+
 def test_split_k_is_deterministic_and_rearms(device):
     """The last program of a tile adds the K parts in a fixed order and resets its counter: repeated
     calls give the same bits."""
