@@ -533,8 +533,8 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     recipe (exact bf16 `code x scale` values), then both modes multiply the same way: up to GEMV_MAX_M
     rows with the GEMV kernel, else with a transient BF16 copy of the weight and cuBLAS (fp32
     accumulation, alpha in fp32). `out_dtype=torch.float32` keeps the fp32 accumulator (for checking
-    against fp64); `config` = (BM, BN, BK, warps, splits, stages) forces the GEMV kernel's tiling (BM = 1:
-    one row of activations, fp32 FMAs instead of the MMA)."""
+    against fp64); `config` = (BM, BN, BK, warps, splits, stages) forces the GEMV kernel and its tiling
+    (BM = 1: one row of activations, fp32 FMAs; BM = 8: up to 8 rows on mma.sync; see `_gemv_blocks`)."""
     if mode not in ("w4a16", "w4a4"):
         raise ValueError(f"mode must be w4a16 or w4a4, not {mode!r}")
     *lead, K = x.shape
