@@ -115,7 +115,7 @@ def _weight_pairs(words, sfb, ASM: tl.constexpr, ADJACENT: tl.constexpr = False)
     holding bf16 pairs `code x scale x 2^-8`: elements (j, j + 4) of each word in pair j, or with
     ADJACENT (2j, 2j + 1). Through PTX on the GPU; under the interpreter the same bits from fp32 values."""
     if ASM:
-        r0, r1, r2, r3 = tl.inline_asm_elementwise(_DECODE_ADJACENT_PTX if ADJACENT else _DECODE_PTX, "=r,=r,=r,=r,r,r",
+        r0, r1, r2, r3 = tl.inline_asm_elementwise(_DECODE_ADJACENT_PTX if ADJACENT else _DECODE_PTX, "=&r,=&r,=&r,=&r,r,r",
                                                    [words, sfb], dtype=(tl.int32,) * 4, is_pure=True, pack=1)  # fmt: skip
     else:
         sf = _e4m3_value(sfb) * (16384.0 / 256.0)
