@@ -56,15 +56,16 @@ def main() -> None:
         stages = 5 if bm == 1 else 3  # BM 1: the one-row kernel, its loop pipelined by tl.range
         const = {"ALPHA_IDX": 0, "ASM": True, "EVEN_N": True, "BM": bm, "BN": bn, "BK": bk, "FMA": bm == 1, "STAGES": stages}
         k = compile_sm90(linear._nvfp4_gemv_kernel, SIG, const, warps, stages)
-        body = hot_loop(k.asm["cubin"])
-        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
-        per = len(body) / (bn * bk / (32 * warps))
-        print(f"| {bm} | {bn} | {bk} | {warps} | {len(body)} | {per:.2f} | {', '.join(f'{o} {n}' for o, n in ops.most_common(5))} |")
+        print(f"| {bm} | {bn} | {bk} | {warps} | {_summary(hot_loop(k.asm['cubin']), bn * bk / (32 * warps))} |")
     # 2-8 rows: the mma.sync kernel, one loop turn = two 128-column steps of 16 rows a warp
     k = compile_sm90(linear._nvfp4_rows8_kernel, SIG, {"ALPHA_IDX": 0, "ASM": True, "W": 4}, 4, 1)
-    body = hot_loop(k.asm["cubin"])
+    print(f"| 8 (mma.sync) | 64 | 256 | 4 | {_summary(hot_loop(k.asm['cubin']), 128)} |")
+
+
+def _summary(body: list[str], elements: float) -> str:
+    """Loop instructions | per weight element a thread | the five most frequent opcodes."""
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
-    print(f"| 8 (mma.sync) | 64 | 256 | 4 | {len(body)} | {len(body) / 128:.2f} | {', '.join(f'{o} {n}' for o, n in ops.most_common(5))} |")
+    return f"{len(body)} | {len(body) / elements:.2f} | {', '.join(f'{o} {n}' for o, n in ops.most_common(5))}"
 
 
 if __name__ == "__main__":

@@ -255,13 +255,21 @@ def _nvfp4_gemv_kernel(
             w = _nvfp4_tile(w_ptr, sf_ptr, rn, nmask, k0, K, ASM, BN, BK)
             a = tl.load(a_ptr + rm[:, None] * stride_am + k0 + tl.arange(0, BK)[None, :], mask=rm[:, None] < M, other=0.0)
             acc = _mma_t(acc, w, a, ASM)
-    omask = (rn[:, None] < N) & (rm[None, :] < M)
     alpha = tl.load(scalars_ptr + ALPHA_IDX) * 256.0
+    _store_tile(acc, out_ptr, part_ptr, pid_k, rn, rm, M, N, stride_om, alpha, SPLIT)
+    if SPLIT > 1:
+        _add_parts(part_ptr, out_ptr, count_ptr + pid_m * tl.num_programs(0) + pid_n, rn, rm, M, N, stride_om, alpha, SPLIT)
+
+
+@triton.jit
+def _store_tile(acc, out_ptr, part_ptr, pid_k, rn, rm, M, N, stride_om, alpha, SPLIT):
+    """acc [rows rn, tokens rm] -> out (x alpha, in out's dtype), or with SPLIT > 1 this program's part of
+    the fp32 sums [SPLIT, M, N]."""
+    omask = (rn[:, None] < N) & (rm[None, :] < M)
     if SPLIT == 1:
         tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], (acc * alpha).to(out_ptr.dtype.element_ty), mask=omask)
     else:
         tl.store(part_ptr + pid_k * M * N + rm[None, :] * N + rn[:, None], acc, mask=omask)
-        _add_parts(part_ptr, out_ptr, count_ptr + pid_m * tl.num_programs(0) + pid_n, rn, rm, M, N, stride_om, alpha, SPLIT)
 
 
 @triton.jit
@@ -300,11 +308,7 @@ def _rows8_step_ptx() -> str:
     c_in, w, s = [f"${14 + i}" for i in range(4)], [f"${18 + i}" for i in range(8)], ["$26", "$27"]
     wa0, wa1, sa0, sa1, xa, left, elem = (f"${28 + i}" for i in range(7))
     out = ["{", _REGS, ".reg .b32 q<32>, x<16>, b0, b1, ss<4>, tx;", ".reg .pred pn, bad;",
-           f"setp.gt.s32 pn, {left}, 0;",
-           f"@pn ld.global.nc.L1::no_allocate.v4.u32 {{{', '.join(nw[:4])}}}, [{wa0}];",
-           f"@pn ld.global.nc.L1::no_allocate.v4.u32 {{{', '.join(nw[4:])}}}, [{wa1}];",
-           f"@pn ld.global.nc.L1::no_allocate.u16 {ns[0]}, [{sa0}];",
-           f"@pn ld.global.nc.L1::no_allocate.u16 {ns[1]}, [{sa1}];"]
+           f"setp.gt.s32 pn, {left}, 0;", _rows8_loads_ptx(nw, ns, (wa0, wa1, sa0, sa1), "@pn ")]
     out += [f"ld.global.nc.v4.u32 {{x{4 * v}, x{4 * v + 1}, x{4 * v + 2}, x{4 * v + 3}}}, [{xa}+{16 * v}];" for v in range(4)]
     for r in range(2):  # ss<2r>, ss<2r + 1>: row g (+ 8)'s two blocks
         out.append(_scale_ptx(s[r], f"ss{2 * r}") + f"shr.b32 t, {s[r]}, 8; " + _scale_ptx("t", f"ss{2 * r + 1}"))
@@ -321,13 +325,17 @@ def _rows8_step_ptx() -> str:
     return "\n".join(out + ["}"])
 
 
+def _rows8_loads_ptx(words: list[str], scales: list[str], addr: tuple[str, ...], pred: str = "") -> str:
+    """PTX: a lane's step of weights, streamed past L1: four words of rows g and g + 8 (16 bytes each) and
+    their two scale bytes (addr: words of g, g + 8, scales of g, g + 8)."""
+    return "\n".join([f"{pred}ld.global.nc.L1::no_allocate.v4.u32 {{{', '.join(words[:4])}}}, [{addr[0]}];",
+                       f"{pred}ld.global.nc.L1::no_allocate.v4.u32 {{{', '.join(words[4:])}}}, [{addr[1]}];",
+                       f"{pred}ld.global.nc.L1::no_allocate.u16 {scales[0]}, [{addr[2]}];",
+                       f"{pred}ld.global.nc.L1::no_allocate.u16 {scales[1]}, [{addr[3]}];"])
+
+
 _ROWS8_STEP_PTX = tl.constexpr(_rows8_step_ptx())
-_ROWS8_LOAD_PTX = tl.constexpr("""{
-ld.global.nc.L1::no_allocate.v4.u32 {$0, $1, $2, $3}, [$10];
-ld.global.nc.L1::no_allocate.v4.u32 {$4, $5, $6, $7}, [$11];
-ld.global.nc.L1::no_allocate.u16 $8, [$12];
-ld.global.nc.L1::no_allocate.u16 $9, [$13];
-}""")
+_ROWS8_LOAD_PTX = tl.constexpr("{\n" + _rows8_loads_ptx([f"${i}" for i in range(8)], ["$8", "$9"], ("$10", "$11", "$12", "$13")) + "\n}")
 
 
 @triton.jit
@@ -406,11 +414,7 @@ def _nvfp4_rows8_kernel(
             w = _nvfp4_tile(w_ptr, sf_ptr, rn, rn < N, k0, K, False, 16 * W, 128)
             a = tl.load(a_ptr + rm[:, None] * stride_am + k0 + tl.arange(0, 128)[None, :], mask=rm[:, None] < M, other=0.0)
             acc = _mma_t(acc, w, a, False)
-        omask = (rn[:, None] < N) & (rm[None, :] < M)
-        if SPLIT == 1:
-            tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], (acc * alpha).to(out_ptr.dtype.element_ty), mask=omask)
-        else:
-            tl.store(part_ptr + pid_k * M * N + rm[None, :] * N + rn[:, None], acc, mask=omask)
+        _store_tile(acc, out_ptr, part_ptr, pid_k, rn, rm, M, N, stride_om, alpha, SPLIT)
     if SPLIT > 1:
         _add_parts(part_ptr, out_ptr, count_ptr + pid_n, rn, rm, M, N, stride_om, alpha, SPLIT)
 
@@ -552,8 +556,7 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
         raise ValueError(f"the one-row GEMV (BM = 1) got {M} rows")
     if config is None and (M > GEMV_MAX_M or K % 64):
         return _dequant_matmul(a, w, idx, out_dtype).reshape(*lead, N)
-    if M <= 8 and a.data_ptr() % 16:
-        a = a.clone()  # 16-byte rows for the mma.sync kernel's vector loads
+    a = _aligned(a)  # the GEMV kernels read int32 pairs and (mma.sync) 16-byte vectors of it
     bm, bn, bk, warps, split, stages = config or _gemv_blocks(M, N, K)
     if K % bk:
         raise ValueError(f"the GEMV kernel reads whole {bk}-column tiles; K = {K} is not a multiple")
