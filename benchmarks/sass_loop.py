@@ -54,7 +54,8 @@ def main() -> None:
     print("| BM | BN | BK | warps | loop instructions | per weight element | top opcodes |\n|---|---|---|---|---|---|---|")
     for bm, bn, bk, warps in ((8, 32, 128, 2), (16, 64, 128, 4), (16, 64, 64, 4), (16, 128, 64, 4), (1, 16, 256, 2), (1, 8, 256, 2)):
         stages = 5 if bm == 1 else 3  # BM 1: the one-row kernel, its loop pipelined by tl.range
-        const = {"ALPHA_IDX": 0, "ASM": True, "EVEN_N": True, "BM": bm, "BN": bn, "BK": bk, "FMA": bm == 1, "STAGES": stages}
+        const = {"ALPHA_IDX": 0, "ASM": True, "EVEN_N": True, "BM": bm, "BN": bn, "BK": bk, "FMA": bm == 1, "STAGES": stages,
+                 "BLOCKED": True}  # the Step shapes' weights are blocked (NVFP4Weight)
         k = compile_sm90(linear._nvfp4_gemv_kernel, SIG, const, warps, stages)
         print(f"| {bm} | {bn} | {bk} | {warps} | {_summary(hot_loop(k.asm['cubin']), bn * bk / (32 * warps))} |")
     # 2-8 rows: the mma.sync kernel, one loop turn = two 128-column steps of 16 rows a warp

@@ -57,6 +57,8 @@ class QWeight:
 
             q.nv = NVFP4Weight.from_parts(parts["weight"], parts["weight_scale"], parts["weight_scale_2"],
                                           parts.get("input_scale"))  # fmt: skip
+            # the kernels' blocked copy replaces the checkpoint's layout on the device (one copy, not two)
+            q.parts = {k: v for k, v in parts.items() if k not in ("weight", "weight_scale")}
         return q
 
 

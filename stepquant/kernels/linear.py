@@ -157,24 +157,40 @@ def _decode_words(words, sfb, ASM: tl.constexpr):
 
 
 @triton.jit
-def _nvfp4_tile(w_ptr, sf_ptr, rows, rmask, k0, K, ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _nvfp4_tile(w_ptr, sf_ptr, rows, rmask, k0, K, ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                BLOCKED: tl.constexpr = False):  # fmt: skip
     """Rows `rows` x columns [k0, k0 + BK) of an NVFP4 weight (int32 words [N, K/8], scales as int32
-    words of four [N, K/64]) -> [BN, BK] values `code x scale x 2^-8` (K, k0 multiples of 64)."""
+    words of four [N, K/64]; BLOCKED: in NVFP4Weight's blocks) -> [BN, BK] values `code x scale x 2^-8`
+    (K, k0 multiples of 64)."""
     NB: tl.constexpr = BK // 16
-    words, sw = _load_words(w_ptr, sf_ptr, rows, rmask, k0, K, BK)
+    words, sw = _load_words(w_ptr, sf_ptr, rows, rmask, k0, K, BK, BLOCKED)
     sfb = _scale_bytes(sw, BN, BK)
     w = _decode_words(tl.reshape(words, (BN, NB, 2)), tl.reshape(sfb, (BN, NB, 2)), ASM)
     return tl.reshape(w, (BN, BK))
 
 
 @triton.jit
-def _load_words(w_ptr, sf_ptr, rows, rmask, k0, K, BK: tl.constexpr):
+def _load_words(w_ptr, sf_ptr, rows, rmask, k0, K, BK: tl.constexpr, BLOCKED: tl.constexpr = False):
     """Rows `rows` x columns [k0, k0 + BK) of an NVFP4 weight, the loads alone: int32 words of 8 codes
-    [BN, BK/8] and the scales read four blocks to an int32 [BN, BK/64]."""
+    [BN, BK/8] and the scales read four blocks to an int32 [BN, BK/64]. BLOCKED: the weight is stored in
+    NVFP4Weight's [16 rows, 128 columns] blocks (256 words, 32 scale words each)."""
     kw = tl.multiple_of(k0, 64) // 8 + tl.arange(0, BK // 8)
-    words = tl.load(w_ptr + rows[:, None] * tl.multiple_of(K // 8, 8) + kw[None, :], mask=rmask[:, None], other=0)
     ks = k0 // 64 + tl.arange(0, BK // 64)
-    sw = tl.load(sf_ptr + rows[:, None] * (K // 64) + ks[None, :], mask=rmask[:, None], other=0)
+    if BLOCKED:
+        band = (rows // 16 * (K // 128))[:, None]  # the first block of the rows' 16-row band
+        if BK >= 128:  # k0 a multiple of 128 (whole blocks): one scalar term moves with k0
+            j, i = tl.arange(0, BK // 8), tl.arange(0, BK // 64)
+            band = band + k0 // 128
+            wofs = band * 256 + (j // 16 * 256 + j % 16)[None, :] + (rows % 16 * 16)[:, None]
+            sofs = band * 32 + (i // 2 * 32 + i % 2)[None, :] + (rows % 16 * 2)[:, None]
+        else:
+            wofs = (band + kw[None, :] // 16) * 256 + (rows % 16 * 16)[:, None] + kw[None, :] % 16
+            sofs = (band + ks[None, :] // 2) * 32 + (rows % 16 * 2)[:, None] + ks[None, :] % 2
+    else:
+        wofs = rows[:, None] * tl.multiple_of(K // 8, 8) + kw[None, :]
+        sofs = rows[:, None] * (K // 64) + ks[None, :]
+    words = tl.load(w_ptr + wofs, mask=rmask[:, None], other=0)
+    sw = tl.load(sf_ptr + sofs, mask=rmask[:, None], other=0)
     return words, sw
 
 
@@ -227,7 +243,7 @@ def _nvfp4_gemv_kernel(
     M, N, K, K_PER_SPLIT, stride_am, stride_om, SPLIT,
     ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, EVEN_N: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMA: tl.constexpr = False,
-    STAGES: tl.constexpr = 1,
+    STAGES: tl.constexpr = 1, BLOCKED: tl.constexpr = False,
 ):  # fmt: skip
     """out[M, N] = alpha * a[M, K] @ W.T for few rows of `a` (decode), K a multiple of BK (itself a
     multiple of 64). The weight is the MMA's first operand (its rows on the MMA's M side, tokens on N),
@@ -246,13 +262,13 @@ def _nvfp4_gemv_kernel(
         k_end = tl.minimum((pid_k + 1) * K_PER_SPLIT, K)
         # Triton's pipeliner keeps STAGES tiles of weights, scales and activations in flight (cp.async)
         for k0 in tl.range(pid_k * K_PER_SPLIT, k_end, BK, num_stages=STAGES):
-            words, sw = _load_words(w_ptr, sf_ptr, rn, nmask, k0, K, BK)
+            words, sw = _load_words(w_ptr, sf_ptr, rn, nmask, k0, K, BK, BLOCKED)
             acc2 = _word_dots(acc2, words, _scale_bytes(sw, BN, BK), _x_pairs(a_ptr, k0, BK), ASM)
         acc = tl.reshape(tl.sum(acc2, axis=1), (BN, BM))
     else:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
         for k0 in range(pid_k * K_PER_SPLIT, tl.minimum((pid_k + 1) * K_PER_SPLIT, K), BK):
-            w = _nvfp4_tile(w_ptr, sf_ptr, rn, nmask, k0, K, ASM, BN, BK)
+            w = _nvfp4_tile(w_ptr, sf_ptr, rn, nmask, k0, K, ASM, BN, BK, BLOCKED)
             a = tl.load(a_ptr + rm[:, None] * stride_am + k0 + tl.arange(0, BK)[None, :], mask=rm[:, None] < M, other=0.0)
             acc = _mma_t(acc, w, a, ASM)
     alpha = tl.load(scalars_ptr + ALPHA_IDX) * 256.0
@@ -291,8 +307,9 @@ def _add_parts(part_ptr, out_ptr, tile, rn, rm, M, N, stride_om, alpha, SPLIT):
 # -- a few rows (2-8 tokens): mma.sync with every lane's operands filled by PTX ---------------------------
 # The one-row kernel's FMAs cost 8 tokens 8x the work; Triton's own MMA route moves each decoded tile through
 # shared memory. Here each warp owns 16 weight rows and puts the decoded values straight into the registers of
-# `mma.sync.m16n8k16` (weight rows on the MMA's M side, tokens on N). Lane (g, t) = (lane / 4, lane % 4) reads
-# 16 bytes of rows g and g + 8: columns [32 t, 32 t + 32) of a 128-column step, four words. A K sum does not
+# `mma.sync.m16n8k16` (weight rows on the MMA's M side, tokens on N). A warp's step is one block of a blocked
+# weight (NVFP4Weight: 16 rows x 128 columns, 1 KB read whole; the next step's block follows it). Lane (g, t) =
+# (lane / 4, lane % 4) reads 16 bytes of rows g and g + 8: columns [32 t, 32 t + 32) of the step, four words. A K sum does not
 # care in which order its terms come, so the MMA's k index need not be the column: word w's pairs (j, j + 4)
 # (what the decode gives) go to k = (2 t, 2 t + 1) and (2 t + 8, 2 t + 9) of two MMAs, and the same lane
 # hands the MMA the activations of those same columns (token g, two prmt a word). The next step's words are
@@ -346,12 +363,12 @@ def _i64(p):
 @triton.jit
 def _rows8_step(c0, c1, c2, c3, w0, w1, w2, w3, w4, w5, w6, w7, s0, s1, wp0, wp1, sp0, sp1, xp, d, left, elem):
     """The step at column offset d (relative to the split's start); returns the accumulators and the next
-    step's words and scales."""
+    step's words and scales (the next block: 256 words and 128 scale bytes on)."""
     e = d + 128
     return tl.inline_asm_elementwise(
         _ROWS8_STEP_PTX, "=&r," * 14 + "r," * 14 + "l,l,l,l,l,r,r",
         [c0, c1, c2, c3, w0, w1, w2, w3, w4, w5, w6, w7, s0, s1,
-         _i64(wp0 + e // 8), _i64(wp1 + e // 8), _i64(sp0 + e // 16), _i64(sp1 + e // 16), _i64(xp + d), left, elem],
+         _i64(wp0 + 2 * e), _i64(wp1 + 2 * e), _i64(sp0 + e), _i64(sp1 + e), _i64(xp + d), left, elem],
         dtype=(tl.float32,) * 4 + (tl.int32,) * 10, is_pure=False, pack=1)  # fmt: skip
 
 
@@ -371,8 +388,8 @@ def _nvfp4_rows8_kernel(
     a_ptr, w_ptr, sf_ptr, out_ptr, part_ptr, count_ptr, scalars_ptr, M, N, K, K_PER_SPLIT, stride_am, stride_om, SPLIT,
     ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, W: tl.constexpr,
 ):  # fmt: skip
-    """out[M, N] = alpha * a[M, K] @ W.T for M <= 8 (K_PER_SPLIT a multiple of 256, N of 16): W warps of 16 weight
-    rows each, through mma.sync (see above). Under the interpreter the same tiles through tl.dot."""
+    """out[M, N] = alpha * a[M, K] @ W.T for M <= 8, W blocked (K_PER_SPLIT a multiple of 256): W warps of 16
+    weight rows each, through mma.sync (see above). Under the interpreter the same tiles through tl.dot."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     ks = pid_k * K_PER_SPLIT
@@ -385,13 +402,11 @@ def _nvfp4_rows8_kernel(
         g = elem % 32 // 4
         t = elem % 4
         row = pid_n * (16 * W) + elem // 32 * 16 + g
-        r0 = tl.minimum(row, N - 1).to(tl.int64)
-        r1 = tl.minimum(row + 8, N - 1).to(tl.int64)
-        wp0 = w_ptr + r0 * (K // 8) + ks // 8 + 4 * t
-        wp1 = w_ptr + r1 * (K // 8) + ks // 8 + 4 * t
-        sfb = sf_ptr.to(tl.pointer_type(tl.uint8))
-        sp0 = sfb + r0 * (K // 16) + ks // 16 + 2 * t
-        sp1 = sfb + r1 * (K // 16) + ks // 16 + 2 * t
+        block = tl.minimum(row // 16, N // 16 - 1).to(tl.int64) * (K // 128) + ks // 128  # the warp's first block
+        wp0 = w_ptr + block * 256 + elem % 32 * 4  # row g: word 16 g + 4 t of the block
+        wp1 = wp0 + 128  # row g + 8
+        sp0 = sf_ptr.to(tl.pointer_type(tl.uint8)) + block * 128 + elem % 32 * 2
+        sp1 = sp0 + 64
         xp = a_ptr + tl.minimum(g, M - 1).to(tl.int64) * stride_am + ks + 32 * t
         w0, w1, w2, w3, w4, w5, w6, w7, s0, s1 = tl.inline_asm_elementwise(
             _ROWS8_LOAD_PTX, "=&r," * 10 + "l,l,l,l", [_i64(wp0), _i64(wp1), _i64(sp0), _i64(sp1)],
@@ -411,7 +426,7 @@ def _nvfp4_rows8_kernel(
     else:
         acc = tl.zeros((16 * W, 8), dtype=tl.float32)
         for k0 in range(ks, ke, 128):
-            w = _nvfp4_tile(w_ptr, sf_ptr, rn, rn < N, k0, K, False, 16 * W, 128)
+            w = _nvfp4_tile(w_ptr, sf_ptr, rn, rn < N, k0, K, False, 16 * W, 128, BLOCKED=True)
             a = tl.load(a_ptr + rm[:, None] * stride_am + k0 + tl.arange(0, 128)[None, :], mask=rm[:, None] < M, other=0.0)
             acc = _mma_t(acc, w, a, False)
         _store_tile(acc, out_ptr, part_ptr, pid_k, rn, rm, M, N, stride_om, alpha, SPLIT)
@@ -420,11 +435,12 @@ def _nvfp4_rows8_kernel(
 
 
 @triton.jit
-def _nvfp4_dequant_kernel(w_ptr, sf_ptr, out_ptr, N, K, ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _nvfp4_dequant_kernel(w_ptr, sf_ptr, out_ptr, N, K, ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                          BLOCKED: tl.constexpr):  # fmt: skip
     """W[N, K] as bf16 `code x scale x 2^-8` values (exact), for the prefill path's BF16 GEMM."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     k0 = tl.program_id(1) * BK
-    w = _nvfp4_tile(w_ptr, sf_ptr, rn, rn < N, k0, K, ASM, BN, BK)
+    w = _nvfp4_tile(w_ptr, sf_ptr, rn, rn < N, k0, K, ASM, BN, BK, BLOCKED)
     kk = k0 + tl.arange(0, BK)
     tl.store(out_ptr + rn[:, None] * K + kk[None, :], w.to(tl.bfloat16), mask=(rn < N)[:, None])
 
@@ -433,26 +449,49 @@ def _nvfp4_dequant_kernel(w_ptr, sf_ptr, out_ptr, N, K, ASM: tl.constexpr, BN: t
 class NVFP4Weight:
     """An NVFP4 Linear's tensors on the GPU, with its fp32 scalars precomputed on the same device
     (alpha for each mode and 1/input_scale) and on the host (the alphas, for cuBLAS), so a call needs
-    no host synchronization."""
+    no host synchronization.
 
-    weight: torch.Tensor  # uint8 [N, K/2]
-    weight_scale: torch.Tensor  # E4M3 bits, uint8 [N, K/16]
+    `blocked`: the weight and its scales are stored in blocks of 16 rows x 128 columns (1 KB of codes, 128
+    bytes of scales; blocks in row-band order, row-major inside, rows row-major inside a block), so a warp's
+    step of a decode GEMV reads one contiguous kilobyte instead of 64 bytes from each of 16 rows 2 KB or more
+    apart: HBM serves that sequential stream measurably faster (BENCHMARKS.md, eleventh session)."""
+
+    weight: torch.Tensor  # uint8 [N, K/2] (blocked: the same bytes in blocks)
+    weight_scale: torch.Tensor  # E4M3 bits, uint8 [N, K/16] (blocked: likewise)
     scalars: torch.Tensor  # fp32 [4]: ws2, input_scale * ws2, 1 / input_scale, 1
     alphas: tuple[float, float] = (float("nan"), float("nan"))  # ws2, input_scale * ws2 (fp32 values)
+    blocked: bool = False
 
     @classmethod
-    def from_parts(cls, weight, weight_scale, weight_scale_2, input_scale=None) -> NVFP4Weight:
+    def from_parts(cls, weight, weight_scale, weight_scale_2, input_scale=None, blocked: bool | None = None) -> NVFP4Weight:
+        """The kernels' form of a checkpoint's NVFP4 tensors; blocked (None: wherever N is a multiple of 16
+        and K of 128) costs one copy of the weight."""
         ws2 = weight_scale_2.detach().float().reshape(()).cpu()
         isc = (input_scale.detach().float().reshape(()).cpu() if input_scale is not None
                else torch.tensor(float("nan")))  # fmt: skip
         one = torch.tensor(1.0)
         scalars = torch.stack([ws2, isc * ws2, one / isc, one])  # divided on the CPU: exactly rounded
-        return cls(_aligned(weight), _aligned(weight_scale).view(torch.uint8), scalars.to(weight.device),
-                   (float(scalars[0]), float(scalars[1])))  # fmt: skip
+        n, k = weight.shape[0], weight.shape[1] * 2
+        if blocked is None:
+            blocked = n % 16 == 0 and k % 128 == 0
+        elif blocked and (n % 16 or k % 128):
+            raise ValueError(f"a blocked NVFP4 weight needs N a multiple of 16 and K of 128, not {n} x {k}")
+        weight_scale = weight_scale.view(torch.uint8)
+        if blocked:
+            weight, weight_scale = _to_blocks(weight, 64), _to_blocks(weight_scale, 8)
+        return cls(_aligned(weight), _aligned(weight_scale), scalars.to(weight.device),
+                   (float(scalars[0]), float(scalars[1])), blocked)  # fmt: skip
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.weight.shape[0], self.weight.shape[1] * 2
+
+
+def _to_blocks(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Bytes [N, C] -> the same shape holding blocks of 16 rows x `width` bytes, row-major inside, in
+    row-band order (NVFP4Weight.blocked)."""
+    n, c = t.shape
+    return t.reshape(n // 16, 16, c // width, width).transpose(1, 2).reshape(n, c)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -479,11 +518,11 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def _gemv_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
+def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> tuple[int, int, int, int, int, int]:
     """(BM, BN, BK, warps, K splits, stages) for the GEMV kernels, from sweeps on an H100 (BENCHMARKS.md).
-    BM says which kernel: 1 the one-row FMA kernel, 8 the mma.sync kernel for 2-8 rows (BN = 16 x warps, BK
-    = 256 columns a turn, 2 register sets), 16 and up Triton's MMA kernel."""
-    rows8 = 2 <= m <= 8 and n % 16 == 0 and k % 256 == 0
+    BM says which kernel: 1 the one-row FMA kernel, 8 the mma.sync kernel for 2-8 rows of a blocked weight
+    (BN = 16 x warps, BK = 256 columns a turn, 2 register sets), 16 and up Triton's MMA kernel."""
+    rows8 = 2 <= m <= 8 and blocked and n % 16 == 0 and k % 256 == 0
     if interpreting():
         if rows8:
             return 8, 16, 256, 1, (2 if k >= 512 else 1), 2
@@ -527,7 +566,8 @@ def nvfp4_dequantize(w: NVFP4Weight) -> torch.Tensor:
     bn, bk = (16, 64) if interpreting() else (64, 128)
     bk = _fit(bk, k)
     _nvfp4_dequant_kernel[(triton.cdiv(n, bn), k // bk)](
-        w.weight.view(torch.int32), w.weight_scale.view(torch.int32), out, n, k, ASM=not interpreting(), BN=bn, BK=bk)
+        w.weight.view(torch.int32), w.weight_scale.view(torch.int32), out, n, k, ASM=not interpreting(), BN=bn, BK=bk,
+        BLOCKED=w.blocked)  # fmt: skip
     return out
 
 
@@ -557,12 +597,12 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     if config is None and (M > GEMV_MAX_M or K % 64):
         return _dequant_matmul(a, w, idx, out_dtype).reshape(*lead, N)
     a = _aligned(a)  # the GEMV kernels read int32 pairs and (mma.sync) 16-byte vectors of it
-    bm, bn, bk, warps, split, stages = config or _gemv_blocks(M, N, K)
+    bm, bn, bk, warps, split, stages = config or _gemv_blocks(M, N, K, w.blocked)
     if K % bk:
         raise ValueError(f"the GEMV kernel reads whole {bk}-column tiles; K = {K} is not a multiple")
-    if bm == 8 and (M > 8 or N % 16 or bk != 256 or bn != 16 * warps):
-        raise ValueError(f"the mma.sync kernel takes up to 8 rows, N a multiple of 16, BK 256 and BN 16 x warps; "
-                         f"got M = {M}, N = {N}, config {config}")  # fmt: skip
+    if bm == 8 and (M > 8 or not w.blocked or bk != 256 or bn != 16 * warps):
+        raise ValueError(f"the mma.sync kernel takes up to 8 rows, a blocked weight, BK 256 and BN 16 x warps; "
+                         f"got M = {M}, blocked = {w.blocked}, config {config}")  # fmt: skip
     per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     split = triton.cdiv(K, per_split)
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
@@ -575,7 +615,7 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
         _nvfp4_rows8_kernel[grid[::2]](*args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, num_warps=warps, num_stages=1)
     else:
         _nvfp4_gemv_kernel[grid](*args, ALPHA_IDX=idx, ASM=not interpreting(), EVEN_N=N % bn == 0, BM=bm, BN=bn, BK=bk,
-                                 FMA=bm == 1, STAGES=stages, num_warps=warps, num_stages=stages)  # fmt: skip
+                                 FMA=bm == 1, STAGES=stages, BLOCKED=w.blocked, num_warps=warps, num_stages=stages)  # fmt: skip
     return out.reshape(*lead, N)
 
 

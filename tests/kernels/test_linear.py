@@ -122,6 +122,34 @@ def test_few_rows_unaligned_operands_are_served(device):
         assert _rel(nvfp4_linear(xx, w, out_dtype=torch.float32), ref) < 1e-5
 
 
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+def test_blocked_weights_give_the_plain_layouts_results(device, mode):
+    """NVFP4Weight's blocks of 16 rows x 128 columns: the bytes land where the layout says, and every path
+    (one row, the mma.sync rows, Triton's MMA rows, prefill's dequantized copy) computes what it computes
+    from the plain layout."""
+    p, _, isc = _layer(32, 512, 9, device)
+    blocked = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc)
+    plain = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc, blocked=False)
+    assert blocked.blocked and not plain.blocked
+    # row 16 + 8 + 3, columns 128 + 64 ...: block (band 1, column block 1), row 11 inside it, byte 32 of the row
+    block = (1 * 4 + 1) * 1024 + 11 * 64 + 32
+    assert torch.equal(blocked.weight.reshape(-1)[block : block + 16].cpu(), p["weight"][27, 96:112].cpu())
+    sblock = (1 * 4 + 1) * 128 + 11 * 8 + 4
+    assert torch.equal(blocked.weight_scale.reshape(-1)[sblock : sblock + 4].cpu(), p["weight_scale"].view(torch.uint8)[27, 12:16].cpu())
+    assert torch.equal(nvfp4_dequantize(blocked), nvfp4_dequantize(plain))
+    g = torch.Generator().manual_seed(1)
+    for m in (1, 3, 12, 70):
+        x = (torch.randn(m, 512, generator=g) * 1.5).to(torch.bfloat16).to(device)
+        ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode=mode)
+        assert _gemv_blocks(m, 32, 512, blocked=False)[0] != 8 and (_gemv_blocks(m, 32, 512)[0] == 8) == (m == 3)
+        for w in (blocked, plain):
+            assert _rel(nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32), ref) < 1e-5, (m, w.blocked)
+    with pytest.raises(ValueError, match="a blocked weight"):
+        nvfp4_linear(x[:3], plain, config=(8, 16, 256, 1, 1, 2))
+    with pytest.raises(ValueError, match="N a multiple of 16 and K of 128, not 24 x 512"):
+        NVFP4Weight.from_parts(p["weight"][:24], p["weight_scale"][:24], p["weight_scale_2"], blocked=True)
+
+
 def test_split_k_is_deterministic_and_rearms(device):
     """The last program of a tile adds the K parts in a fixed order and resets its counter: repeated
     calls give the same bits."""
