@@ -20,6 +20,7 @@ from stepquant.formats import unpack_nibbles
 from stepquant.kernels.linear import (
     GEMV_MAX_M,
     NVFP4Weight,
+    Tiling,
     _dequant_matmul,
     _gemv_blocks,
     nvfp4_linear,
@@ -65,9 +66,9 @@ def _split(m: int, n: int, k: int, bm: int, bn: int, bk: int, fill: int) -> int:
 
 
 def sweep(which: str = "all") -> list[dict]:
-    """GEMV tilings (w4a16): the one-row FMA kernel at M = 1 and the MMA kernel at M = 16 (`which`:
-    one-row, mma or all) -- which (BM, BN, BK, warps, splits, stages) is fastest -- and (all) where the
-    GEMV kernel and the dequantize + cuBLAS path cross."""
+    """GEMV tilings (w4a16): the one-row FMA kernel at M = 1 and the MMA kernels (Triton's and mma.sync's 2 x 2
+    tiles) at M = 16 (`which`: one-row, mma or all) -- which Tiling is fastest -- and (all) where the GEMV kernel
+    and the dequantize + cuBLAS path cross."""
     rows = []
     for name in ("expert gate 1280x4096", "expert down 4096x1280", "attn o 4096x8192", "attn q (full) 8192x4096"):
         n, k = SHAPES[name]
@@ -83,13 +84,17 @@ def sweep(which: str = "all") -> list[dict]:
                     for warps in (2, 4):
                         for stages in (5, 8):
                             for fill in (0, 512):
-                                configs[1].append((1, bn, bk, warps, _split(1, n, k, 1, bn, bk, fill), stages))
+                                configs[1].append(Tiling("fma", 1, bn, bk, warps, _split(1, n, k, 1, bn, bk, fill), stages))
         if which in ("all", "mma"):
             for bn, warps in ((32, 2), (64, 4), (128, 4)):
                 for bk in (128, 256):
                     for split in (1, 2, 8):
                         for stages in (3, 4, 6):
-                            configs[16].append((16, bn, bk, warps, split, stages))
+                            configs[16].append(Tiling("dot", 16, bn, bk, warps, split, stages))
+            for warps in (1, 2, 4):
+                for split in (1, 2, 4, 8, 16):
+                    if k % 256 == 0 and n % 32 == 0 and k // split >= 256:
+                        configs[16].append(Tiling("mma.sync", 16, 32 * warps, 256, warps, split))
         for m, cfgs in configs.items():
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             bf = graph_time(lambda i: x @ ws[i % c16].T, reps=max(20, c16)) if cfgs else 0.0

@@ -58,10 +58,11 @@ def main() -> None:
                  "BLOCKED": True}  # the Step shapes' weights are blocked (NVFP4Weight)
         k = compile_sm90(linear._nvfp4_gemv_kernel, SIG, const, warps, stages)
         print(f"| {bm} | {bn} | {bk} | {warps} | {_summary(hot_loop(k.asm['cubin']), bn * bk / (32 * warps))} |")
-    # 2-8 rows: the mma.sync kernel, one loop turn = two 128-column steps of 16 rows a warp
-    k = compile_sm90(linear._nvfp4_rows8_kernel, SIG, {"ALPHA_IDX": 0, "ASM": True, "W": 4}, 4, 1)
-    print(f"| 8 (mma.sync) | 64 | 256 | 4 | {_summary(hot_loop(k.asm['cubin']), 128)} |")
-
+    # 2-16 rows: the mma.sync kernel, one loop turn = two 128-column steps of T x T tiles a warp
+    for t in (1, 2):
+        step, load = linear._MMA_SYNC_PTX[t]
+        k = compile_sm90(linear._nvfp4_mma_sync_kernel, SIG, {"ALPHA_IDX": 0, "ASM": True, "W": 4, "T": t, "STEP": step, "LOAD": load}, 4, 1)
+        print(f"| {8 * t} (mma.sync, {t} x {t} tiles) | {64 * t} | 256 | 4 | {_summary(hot_loop(k.asm['cubin']), 128 * t)} |")
 
 def _summary(body: list[str], elements: float) -> str:
     """Loop instructions | per weight element a thread | the five most frequent opcodes."""

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import interpreting
 from .quantize import _e2m1, _e4m3_rne
@@ -304,55 +305,81 @@ def _add_parts(part_ptr, out_ptr, tile, rn, rm, M, N, stride_om, alpha, SPLIT):
         tl.atomic_xchg(tile, 0)
 
 
-# -- a few rows (2-8 tokens): mma.sync with every lane's operands filled by PTX ---------------------------
+# -- a few rows (2-16 tokens): mma.sync with every lane's operands filled by PTX --------------------------
 # The one-row kernel's FMAs cost 8 tokens 8x the work; Triton's own MMA route moves each decoded tile through
-# shared memory. Here each warp owns 16 weight rows and puts the decoded values straight into the registers of
-# `mma.sync.m16n8k16` (weight rows on the MMA's M side, tokens on N). A warp's step is one block of a blocked
-# weight (NVFP4Weight: 16 rows x 128 columns, 1 KB read whole; the next step's block follows it). Lane (g, t) =
-# (lane / 4, lane % 4) reads 16 bytes of rows g and g + 8: columns [32 t, 32 t + 32) of the step, four words. A K sum does not
-# care in which order its terms come, so the MMA's k index need not be the column: word w's pairs (j, j + 4)
-# (what the decode gives) go to k = (2 t, 2 t + 1) and (2 t + 8, 2 t + 9) of two MMAs, and the same lane
-# hands the MMA the activations of those same columns (token g, two prmt a word). The next step's words are
-# loaded into a second register set while this step computes (the loop runs two steps a turn).
+# shared memory. Here each warp owns T x T tiles of `mma.sync.m16n8k16` (T blocks of 16 weight rows on the MMA's M
+# side, T groups of 8 tokens on N: T = 1 up to 8 rows, 2 for 9-16) and puts the decoded weights straight into the
+# MMA's registers. A warp's step is T blocks of a blocked weight (NVFP4Weight: 16 rows x 128 columns, 1 KB read
+# whole; the next step's block follows it). Lane (g, t) = (lane / 4, lane % 4) reads 16 bytes of rows g and g + 8 of
+# each block: columns [32 t, 32 t + 32) of the step, four words. A K sum does not care in which order its terms
+# come, so the MMA's k index need not be the column: word w's pairs (j, j + 4) (what the decode gives) go to
+# k = (2 t, 2 t + 1) and (2 t + 8, 2 t + 9) of two MMAs, and the same lane hands the MMA the activations of those
+# same columns (tokens g and g + 8, two prmt a word); with T = 2 each decoded block and each token group serve two
+# MMAs, which halves the activation reads a weight byte costs. The next step's words are loaded into a second
+# register set while this step computes (the loop runs two steps a turn).
 # Triton does not know which thread holds which element of the [32 W] tensors these values live in; the
 # PTX checks that element e sits on thread e and otherwise returns NaN, never a wrong number.
-def _rows8_step_ptx() -> str:
-    """One 128-column step, 4 accumulators: (out) c0-c3, next words n0-n7 and scale pairs; (in) c0-c3, this
-    step's words w0-w7 (rows g: 0-3, g + 8: 4-7) and scale pairs s0, s1 (two bytes: blocks 2t, 2t + 1), the next
-    step's addresses (words of rows g, g + 8, scales of rows g, g + 8), this step's activations of token g,
-    the steps left after this one, and the element index."""
-    c, nw, ns = [f"${i}" for i in range(4)], [f"${4 + i}" for i in range(8)], ["$12", "$13"]
-    c_in, w, s = [f"${14 + i}" for i in range(4)], [f"${18 + i}" for i in range(8)], ["$26", "$27"]
-    wa0, wa1, sa0, sa1, xa, left, elem = (f"${28 + i}" for i in range(7))
-    out = ["{", _REGS, ".reg .b32 q<32>, x<16>, b0, b1, ss<4>, tx;", ".reg .pred pn, bad;",
-           f"setp.gt.s32 pn, {left}, 0;", _rows8_loads_ptx(nw, ns, (wa0, wa1, sa0, sa1), "@pn ")]
-    out += [f"ld.global.nc.v4.u32 {{x{4 * v}, x{4 * v + 1}, x{4 * v + 2}, x{4 * v + 3}}}, [{xa}+{16 * v}];" for v in range(4)]
-    for r in range(2):  # ss<2r>, ss<2r + 1>: row g (+ 8)'s two blocks
-        out.append(_scale_ptx(s[r], f"ss{2 * r}") + f"shr.b32 t, {s[r]}, 8; " + _scale_ptx("t", f"ss{2 * r + 1}"))
-        out += [_pairs_ptx(w[4 * r + k], [f"q{16 * r + 4 * k + j}" for j in range(4)], f"ss{2 * r + k // 2}") for k in range(4)]
+def _mma_sync_loads_ptx(T: int, words: list[str], scales: list[str], wa: str, sa: str, tw: str, ts: str, pred: str = "") -> str:
+    """PTX: a lane's part of a step's T blocks, streamed past L1: four words of rows g and g + 8 (16 bytes each,
+    512 bytes apart) and their two scale bytes (64 bytes apart); block r at wa + r tw and sa + r ts (bytes)."""
+    out = ["{", ".reg .b64 pw, ps, d;", f"mov.b64 pw, {wa}; mov.b64 ps, {sa};"]
+    for r in range(T):
+        if r:
+            out.append(f"cvt.s64.s32 d, {tw}; add.s64 pw, pw, d; cvt.s64.s32 d, {ts}; add.s64 ps, ps, d;")
+        w = words[8 * r : 8 * r + 8]
+        out += [f"{pred}ld.global.nc.L1::no_allocate.v4.u32 {{{', '.join(w[:4])}}}, [pw];",
+                f"{pred}ld.global.nc.L1::no_allocate.v4.u32 {{{', '.join(w[4:])}}}, [pw+512];",
+                f"{pred}ld.global.nc.L1::no_allocate.u16 {scales[2 * r]}, [ps];",
+                f"{pred}ld.global.nc.L1::no_allocate.u16 {scales[2 * r + 1]}, [ps+64];"]
+    return "\n".join(out + ["}"])
+
+
+def _mma_sync_step_ptx(T: int) -> str:
+    """One 128-column step of a warp's T x T tiles. Operands: (out) the 4 T^2 accumulators, the next step's 8 T words
+    and 2 T scale pairs; (in) the accumulators, this step's words (block r: rows g 8r..8r+3, g + 8 8r+4..8r+7) and
+    scale pairs (two bytes: blocks 2t, 2t + 1), the next step's addresses (words, scales), this step's activation
+    addresses of tokens g (+ 8), the byte strides between blocks (words, scales), the steps left after this one and
+    the element index. Accumulators of block r and token group n: 4 (r T + n) ... + 3."""
+    ops = iter(f"${i}" for i in range(1000))
+    take = lambda n: [next(ops) for _ in range(n)]  # noqa: E731
+    n_c = 4 * T * T
+    c, nw, ns, c_in, w, s = take(n_c), take(8 * T), take(2 * T), take(n_c), take(8 * T), take(2 * T)
+    (wa, sa), xa, (tw, ts, left, elem) = take(2), take(T), take(4)
+    out = ["{", _REGS, f".reg .b32 q<{32 * T}>, x<{16 * T}>, b<{2 * T}>, ss<{4 * T}>, tx;", ".reg .pred pn, bad;",
+           f"setp.gt.s32 pn, {left}, 0;", _mma_sync_loads_ptx(T, nw, ns, wa, sa, tw, ts, "@pn ")]
+    for n in range(T):
+        out += [f"ld.global.nc.v4.u32 {{x{16 * n + 4 * v}, x{16 * n + 4 * v + 1}, x{16 * n + 4 * v + 2}, x{16 * n + 4 * v + 3}}}, "
+                f"[{xa[n]}+{16 * v}];" for v in range(4)]  # fmt: skip
+    for r in range(T):
+        for h in range(2):  # rows g, g + 8: ss<4r + 2h>, ss<4r + 2h + 1> are their two blocks' scales
+            sr = s[2 * r + h]
+            out.append(_scale_ptx(sr, f"ss{4 * r + 2 * h}") + f"shr.b32 t, {sr}, 8; " + _scale_ptx("t", f"ss{4 * r + 2 * h + 1}"))
+            out += [_pairs_ptx(w[8 * r + 4 * h + k], [f"q{32 * r + 16 * h + 4 * k + j}" for j in range(4)], f"ss{4 * r + 2 * h + k // 2}")
+                    for k in range(4)]  # fmt: skip
     for k in range(4):  # word k of the lane's four
         for h in range(2):  # pairs (2h, 2h + 4) and (2h + 1, 2h + 5): activation words 4k + h and 4k + h + 2
-            a = f"q{4 * k + 2 * h}, q{16 + 4 * k + 2 * h}, q{4 * k + 2 * h + 1}, q{16 + 4 * k + 2 * h + 1}"
-            x0, x2 = f"x{4 * k + h}", f"x{4 * k + h + 2}"
-            acc_in = ", ".join(c_in if k == h == 0 else c)
-            out.append(f"prmt.b32 b0, {x0}, {x2}, 0x5410; prmt.b32 b1, {x0}, {x2}, 0x7632;\n"
-                       f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{', '.join(c)}}}, {{{a}}}, {{b0, b1}}, {{{acc_in}}};")
+            for n in range(T):
+                x0, x2 = f"x{16 * n + 4 * k + h}", f"x{16 * n + 4 * k + h + 2}"
+                out.append(f"prmt.b32 b{2 * n}, {x0}, {x2}, 0x5410; prmt.b32 b{2 * n + 1}, {x0}, {x2}, 0x7632;")
+            for r in range(T):
+                q = [f"q{32 * r + 4 * k + 2 * h}", f"q{32 * r + 16 + 4 * k + 2 * h}", f"q{32 * r + 4 * k + 2 * h + 1}", f"q{32 * r + 16 + 4 * k + 2 * h + 1}"]
+                for n in range(T):
+                    acc = c[4 * (r * T + n) : 4 * (r * T + n) + 4]
+                    acc_in = c_in[4 * (r * T + n) : 4 * (r * T + n) + 4] if k == h == 0 else acc
+                    out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{', '.join(acc)}}}, {{{', '.join(q)}}}, "
+                               f"{{b{2 * n}, b{2 * n + 1}}}, {{{', '.join(acc_in)}}};")  # fmt: skip
     out.append(f"mov.u32 tx, %tid.x; setp.ne.u32 bad, tx, {elem};")
     out += [f"@bad mov.b32 {r}, 0x7FC00000;" for r in c]
     return "\n".join(out + ["}"])
 
 
-def _rows8_loads_ptx(words: list[str], scales: list[str], addr: tuple[str, ...], pred: str = "") -> str:
-    """PTX: a lane's step of weights, streamed past L1: four words of rows g and g + 8 (16 bytes each) and
-    their two scale bytes (addr: words of g, g + 8, scales of g, g + 8)."""
-    return "\n".join([f"{pred}ld.global.nc.L1::no_allocate.v4.u32 {{{', '.join(words[:4])}}}, [{addr[0]}];",
-                       f"{pred}ld.global.nc.L1::no_allocate.v4.u32 {{{', '.join(words[4:])}}}, [{addr[1]}];",
-                       f"{pred}ld.global.nc.L1::no_allocate.u16 {scales[0]}, [{addr[2]}];",
-                       f"{pred}ld.global.nc.L1::no_allocate.u16 {scales[1]}, [{addr[3]}];"])
+def _mma_sync_load_ptx(T: int) -> str:
+    """PTX: the first step's words and scales (operands as in the step: out words, scales; in addresses, strides)."""
+    regs = [f"${i}" for i in range(10 * T + 4)]
+    return _mma_sync_loads_ptx(T, regs[: 8 * T], regs[8 * T : 10 * T], *regs[10 * T :])
 
 
-_ROWS8_STEP_PTX = tl.constexpr(_rows8_step_ptx())
-_ROWS8_LOAD_PTX = tl.constexpr("{\n" + _rows8_loads_ptx([f"${i}" for i in range(8)], ["$8", "$9"], ("$10", "$11", "$12", "$13")) + "\n}")
+_MMA_SYNC_PTX = {T: (_mma_sync_step_ptx(T), _mma_sync_load_ptx(T)) for T in (1, 2)}
 
 
 @triton.jit
@@ -361,20 +388,24 @@ def _i64(p):
 
 
 @triton.jit
-def _rows8_step(c0, c1, c2, c3, w0, w1, w2, w3, w4, w5, w6, w7, s0, s1, wp0, wp1, sp0, sp1, xp, d, left, elem):
-    """The step at column offset d (relative to the split's start); returns the accumulators and the next
-    step's words and scales (the next block: 256 words and 128 scale bytes on)."""
+def _mma_sync_step(c, w, wp, sp, xp, d, left, elem, tw, ts, T: tl.constexpr, STEP: tl.constexpr):
+    """The step at column offset d (relative to the split's start): accumulators c and this step's words w (tuples)
+    -> the accumulators and the next step's words (T blocks on: 256 T words and 128 T scale bytes)."""
     e = d + 128
-    return tl.inline_asm_elementwise(
-        _ROWS8_STEP_PTX, "=&r," * 14 + "r," * 14 + "l,l,l,l,l,r,r",
-        [c0, c1, c2, c3, w0, w1, w2, w3, w4, w5, w6, w7, s0, s1,
-         _i64(wp0 + 2 * e), _i64(wp1 + 2 * e), _i64(sp0 + e), _i64(sp1 + e), _i64(xp + d), left, elem],
-        dtype=(tl.float32,) * 4 + (tl.int32,) * 10, is_pure=False, pack=1)  # fmt: skip
+    n_c: tl.constexpr = 4 * T * T
+    n_w: tl.constexpr = 10 * T
+    xa = (_i64(xp[0] + d),) if T == 1 else (_i64(xp[0] + d), _i64(xp[1] + d))
+    r = tl.inline_asm_elementwise(
+        STEP, "=&r," * (n_c + n_w) + "r," * (n_c + n_w) + "l," * (2 + T) + "r,r,r,r",
+        c + w + (_i64(wp + 2 * e), _i64(sp + e)) + xa + (tw, ts, left, elem),
+        dtype=(tl.float32,) * n_c + (tl.int32,) * n_w, is_pure=False, pack=1)  # fmt: skip
+    return r[:n_c], r[n_c:]
 
 
 @triton.jit
-def _rows8_store(ptr, c0, c1, c2, c3, row, tok, M, N, stride, alpha):
-    """Accumulator fragment -> [tokens, rows]: c0, c1 are row g's tokens 2t, 2t + 1; c2, c3 row g + 8's."""
+def _mma_sync_store(ptr, f, row, tok, M, N, stride, alpha):
+    """Accumulator fragment f -> [tokens, rows]: f[0], f[1] are row g's tokens 2t, 2t + 1; f[2], f[3] row g + 8's."""
+    c0, c1, c2, c3 = f
     ty = ptr.dtype.element_ty
     p = ptr + tok * stride + row
     tl.store(p, (c0 * alpha).to(ty), mask=(tok < M) & (row < N))
@@ -384,51 +415,51 @@ def _rows8_store(ptr, c0, c1, c2, c3, row, tok, M, N, stride, alpha):
 
 
 @triton.jit
-def _nvfp4_rows8_kernel(
+def _nvfp4_mma_sync_kernel(
     a_ptr, w_ptr, sf_ptr, out_ptr, part_ptr, count_ptr, scalars_ptr, M, N, K, K_PER_SPLIT, stride_am, stride_om, SPLIT,
-    ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, W: tl.constexpr,
+    ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, W: tl.constexpr, T: tl.constexpr, STEP: tl.constexpr, LOAD: tl.constexpr,
 ):  # fmt: skip
-    """out[M, N] = alpha * a[M, K] @ W.T for M <= 8, W blocked (K_PER_SPLIT a multiple of 256): W warps of 16
-    weight rows each, through mma.sync (see above). Under the interpreter the same tiles through tl.dot."""
+    """out[M, N] = alpha * a[M, K] @ W.T for M <= 8 T, W blocked, N a multiple of 16 T, K_PER_SPLIT of 256: W warps of
+    16 T weight rows each, through mma.sync (see above). Under the interpreter the same tiles through tl.dot."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     ks = pid_k * K_PER_SPLIT
     ke = tl.minimum(ks + K_PER_SPLIT, K)
     alpha = tl.load(scalars_ptr + ALPHA_IDX) * 256.0
-    rn = pid_n * (16 * W) + tl.arange(0, 16 * W)
-    rm = tl.arange(0, 8)
+    R: tl.constexpr = 16 * T * W  # rows a program
+    rn = pid_n * R + tl.arange(0, R)
+    rm = tl.arange(0, 8 * T)
     if ASM:
         elem = tl.arange(0, 32 * W)  # the thread this element must be on
         g = elem % 32 // 4
         t = elem % 4
-        row = pid_n * (16 * W) + elem // 32 * 16 + g
-        block = tl.minimum(row // 16, N // 16 - 1).to(tl.int64) * (K // 128) + ks // 128  # the warp's first block
-        wp0 = w_ptr + block * 256 + elem % 32 * 4  # row g: word 16 g + 4 t of the block
-        wp1 = wp0 + 128  # row g + 8
-        sp0 = sf_ptr.to(tl.pointer_type(tl.uint8)) + block * 128 + elem % 32 * 2
-        sp1 = sp0 + 64
-        xp = a_ptr + tl.minimum(g, M - 1).to(tl.int64) * stride_am + ks + 32 * t
-        w0, w1, w2, w3, w4, w5, w6, w7, s0, s1 = tl.inline_asm_elementwise(
-            _ROWS8_LOAD_PTX, "=&r," * 10 + "l,l,l,l", [_i64(wp0), _i64(wp1), _i64(sp0), _i64(sp1)],
-            dtype=(tl.int32,) * 10, is_pure=False, pack=1)  # fmt: skip
-        c0 = tl.zeros((32 * W,), dtype=tl.float32)
-        c1, c2, c3 = c0, c0, c0
+        row = pid_n * R + elem // 32 * (16 * T) + g
+        block = tl.minimum(row // 16, N // 16 - T).to(tl.int64) * (K // 128) + ks // 128  # the warp's first block
+        wp = w_ptr + block * 256 + elem % 32 * 4  # row g: word 16 g + 4 t of the block
+        sp = sf_ptr.to(tl.pointer_type(tl.uint8)) + block * 128 + elem % 32 * 2
+        tw = K // 128 * 1024  # bytes from a block to the next 16 rows' (words; scales: an eighth)
+        x0 = a_ptr + tl.minimum(g, M - 1).to(tl.int64) * stride_am + ks + 32 * t
+        xp = (x0,) if T == 1 else (x0, a_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * stride_am + ks + 32 * t)
+        w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * T) + "l,l,r,r", [_i64(wp), _i64(sp), tw, tw // 8],
+                                      dtype=(tl.int32,) * (10 * T), is_pure=False, pack=1)  # fmt: skip
+        c = (tl.zeros((32 * W,), dtype=tl.float32),) * (4 * T * T)
         for k0 in range(ks, ke, 256):  # two steps a turn: two register sets, so a load is first used a step later
             d = k0 - ks
-            c0, c1, c2, c3, v0, v1, v2, v3, v4, v5, v6, v7, u0, u1 = _rows8_step(
-                c0, c1, c2, c3, w0, w1, w2, w3, w4, w5, w6, w7, s0, s1, wp0, wp1, sp0, sp1, xp, d, (ke - k0) // 128 - 1, elem)
-            c0, c1, c2, c3, w0, w1, w2, w3, w4, w5, w6, w7, s0, s1 = _rows8_step(
-                c0, c1, c2, c3, v0, v1, v2, v3, v4, v5, v6, v7, u0, u1, wp0, wp1, sp0, sp1, xp, d + 128, (ke - k0) // 128 - 2, elem)
-        if SPLIT == 1:
-            _rows8_store(out_ptr, c0, c1, c2, c3, row, 2 * t, M, N, stride_om, alpha)
-        else:
-            _rows8_store(part_ptr + pid_k * M * N, c0, c1, c2, c3, row, 2 * t, M, N, N, 1.0)
+            c, v = _mma_sync_step(c, w, wp, sp, xp, d, (ke - k0) // 128 - 1, elem, tw, tw // 8, T, STEP)
+            c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (ke - k0) // 128 - 2, elem, tw, tw // 8, T, STEP)
+        for r in tl.static_range(T):  # block r's rows, token group n: accumulators 4 (r T + n) ... + 3
+            for n in tl.static_range(T):
+                f = c[4 * (r * T + n)], c[4 * (r * T + n) + 1], c[4 * (r * T + n) + 2], c[4 * (r * T + n) + 3]
+                if SPLIT == 1:
+                    _mma_sync_store(out_ptr, f, row + 16 * r, 8 * n + 2 * t, M, N, stride_om, alpha)
+                else:
+                    _mma_sync_store(part_ptr + pid_k * M * N, f, row + 16 * r, 8 * n + 2 * t, M, N, N, 1.0)
     else:
-        acc = tl.zeros((16 * W, 8), dtype=tl.float32)
+        acc = tl.zeros((R, 8 * T), dtype=tl.float32)
         for k0 in range(ks, ke, 128):
-            w = _nvfp4_tile(w_ptr, sf_ptr, rn, rn < N, k0, K, False, 16 * W, 128, BLOCKED=True)
+            wt = _nvfp4_tile(w_ptr, sf_ptr, rn, rn < N, k0, K, False, R, 128, BLOCKED=True)
             a = tl.load(a_ptr + rm[:, None] * stride_am + k0 + tl.arange(0, 128)[None, :], mask=rm[:, None] < M, other=0.0)
-            acc = _mma_t(acc, w, a, False)
+            acc = _mma_t(acc, wt, a, False)
         _store_tile(acc, out_ptr, part_ptr, pid_k, rn, rm, M, N, stride_om, alpha, SPLIT)
     if SPLIT > 1:
         _add_parts(part_ptr, out_ptr, count_ptr + pid_n, rn, rm, M, N, stride_om, alpha, SPLIT)
@@ -518,15 +549,28 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> tuple[int, int, int, int, int, int]:
-    """(BM, BN, BK, warps, K splits, stages) for the GEMV kernels, from sweeps on an H100 (BENCHMARKS.md).
-    BM says which kernel: 1 the one-row FMA kernel, 8 the mma.sync kernel for 2-8 rows of a blocked weight
-    (BN = 16 x warps, BK = 256 columns a turn, 2 register sets), 16 and up Triton's MMA kernel."""
-    rows8 = 2 <= m <= 8 and blocked and n % 16 == 0 and k % 256 == 0
+class Tiling(NamedTuple):
+    """Which GEMV kernel runs a decode-sized product, and its tiling. `kernel`: "fma" (one row: fp32 FMAs), "mma.sync"
+    (2-16 rows of a blocked weight: BM = 8 T tokens, BN = 16 T x warps rows, BK 256 = two steps a turn, stages unused)
+    or "dot" (Triton's MMA: BM tokens, a cp.async pipeline of `stages`)."""
+
+    kernel: str
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    split: int  # K splits, added in one launch (deterministic)
+    stages: int = 1
+
+
+def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
+    """The GEMV kernel and tiling for [m, k] @ [n, k].T, from sweeps on an H100 and H200 (BENCHMARKS.md)."""
+    mma_sync = blocked and k % 256 == 0 and (m <= 8 or (m <= 16 and n % 32 == 0 and k >= 2048))
     if interpreting():
-        if rows8:
-            return 8, 16, 256, 1, (2 if k >= 512 else 1), 2
-        return (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1), 1
+        if m >= 2 and mma_sync:
+            t = 1 if m <= 8 else 2
+            return Tiling("mma.sync", 8 * t, 16 * t, 256, 1, (2 if k >= 512 else 1))
+        return Tiling("fma" if m == 1 else "dot", (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1))
     if m == 1:  # small tiles, a deep cp.async pipeline, K split only when there are few programs
         bn, bk, warps = (8 if n * k < 1 << 23 else 16), _fit(256, k), 2
         if bn == 16 and k >= 8192 and k % 512 == 0:  # long rows: twice the columns, twice the warps
@@ -534,12 +578,17 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> tuple[int, int
         tiles, split = triton.cdiv(n, bn), 1
         while tiles * split < 128 and k // (split * 2) >= 2 * bk:
             split *= 2
-        return 1, bn, bk, warps, split, 5
-    if rows8:  # K split until ~512 programs (a few per SM keep enough loads in flight)
+        return Tiling("fma", 1, bn, bk, warps, split, 5)
+    if mma_sync and m <= 8:  # K split until ~512 programs of 4 warps (a few per SM keep enough loads in flight)
         tiles, split = triton.cdiv(n, 64), 1
         while split < 16 and tiles * split * 2 <= 512 and k // (split * 2) >= 256:
             split *= 2
-        return 8, 64, 256, 4, split, 2
+        return Tiling("mma.sync", 8, 64, 256, 4, split)
+    if mma_sync:  # 9-16 rows: 2 x 2 tiles a warp, until ~1024 programs of 2 warps
+        tiles, split = triton.cdiv(n, 64), 1
+        while split < 16 and tiles * split * 2 <= 1024 and k // (split * 2) >= 256:
+            split *= 2
+        return Tiling("mma.sync", 16, 64, 256, 2, split)
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bn, warps = (64, 4) if n * k >= 1 << 24 else (32, 2)
     bk = _fit(128, k)
@@ -547,7 +596,7 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> tuple[int, int
     split = 1
     while tiles * split < 264 and k // (split * 2) >= 2 * bk:  # 132 SMs
         split *= 2
-    return bm, bn, bk, warps, split, 3
+    return Tiling("dot", bm, bn, bk, warps, split, 3)
 
 
 def _fit(bk: int, k: int) -> int:
@@ -572,13 +621,12 @@ def nvfp4_dequantize(w: NVFP4Weight) -> torch.Tensor:
 
 
 def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype: torch.dtype = torch.bfloat16,
-                 config: tuple[int, ...] | None = None) -> torch.Tensor:  # fmt: skip
+                 config: Tiling | None = None) -> torch.Tensor:  # fmt: skip
     """`x @ W.T` for an NVFP4 weight. `w4a4` first rounds the activations to NVFP4 with Blackwell's
     recipe (exact bf16 `code x scale` values), then both modes multiply the same way: up to GEMV_MAX_M
     rows with the GEMV kernel, else with a transient BF16 copy of the weight and cuBLAS (fp32
     accumulation, alpha in fp32). `out_dtype=torch.float32` keeps the fp32 accumulator (for checking
-    against fp64); `config` = (BM, BN, BK, warps, splits, stages) forces the GEMV kernel and its tiling
-    (BM = 1: one row of activations, fp32 FMAs; BM = 8: up to 8 rows on mma.sync; see `_gemv_blocks`)."""
+    against fp64); `config` (a Tiling) forces the GEMV kernel and its tiling (see `_gemv_blocks`)."""
     if mode not in ("w4a16", "w4a4"):
         raise ValueError(f"mode must be w4a16 or w4a4, not {mode!r}")
     *lead, K = x.shape
@@ -592,17 +640,17 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
         a = nvfp4_fake_quantize(a, w.scalars[1:])
     M = a.shape[0]
     idx = 0 if mode == "w4a16" else 1
-    if config is not None and config[0] == 1 and M != 1:
-        raise ValueError(f"the one-row GEMV (BM = 1) got {M} rows")
     if config is None and (M > GEMV_MAX_M or K % 64):
         return _dequant_matmul(a, w, idx, out_dtype).reshape(*lead, N)
     a = _aligned(a)  # the GEMV kernels read int32 pairs and (mma.sync) 16-byte vectors of it
-    bm, bn, bk, warps, split, stages = config or _gemv_blocks(M, N, K, w.blocked)
+    kernel, bm, bn, bk, warps, split, stages = config or _gemv_blocks(M, N, K, w.blocked)
     if K % bk:
         raise ValueError(f"the GEMV kernel reads whole {bk}-column tiles; K = {K} is not a multiple")
-    if bm == 8 and (M > 8 or not w.blocked or bk != 256 or bn != 16 * warps):
-        raise ValueError(f"the mma.sync kernel takes up to 8 rows, a blocked weight, BK 256 and BN 16 x warps; "
-                         f"got M = {M}, blocked = {w.blocked}, config {config}")  # fmt: skip
+    if kernel == "fma" and M != 1:
+        raise ValueError(f"the one-row GEMV got {M} rows")
+    if kernel == "mma.sync" and (bm not in (8, 16) or M > bm or not w.blocked or N % (2 * bm) or bk != 256 or bn != 2 * bm * warps):
+        raise ValueError(f"the mma.sync kernel takes up to BM = 8 or 16 rows, a blocked weight, N a multiple of 2 BM, "
+                         f"BK 256 and BN 2 BM x warps; got M = {M}, N = {N}, blocked = {w.blocked}, {config}")  # fmt: skip
     per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     split = triton.cdiv(K, per_split)
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
@@ -611,11 +659,13 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     counters = _counters(x.device, grid[0] * grid[1]) if split > 1 else out
     args = (a, w.weight.view(torch.int32), w.weight_scale.view(torch.int32), out, parts, counters, w.scalars,
             M, N, K, per_split, a.stride(0), out.stride(0), split)  # fmt: skip
-    if bm == 8:
-        _nvfp4_rows8_kernel[grid[::2]](*args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, num_warps=warps, num_stages=1)
+    if kernel == "mma.sync":
+        step, load = _MMA_SYNC_PTX[bm // 8]
+        _nvfp4_mma_sync_kernel[grid[::2]](*args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, T=bm // 8, STEP=step, LOAD=load,
+                                          num_warps=warps, num_stages=1)  # fmt: skip
     else:
         _nvfp4_gemv_kernel[grid](*args, ALPHA_IDX=idx, ASM=not interpreting(), EVEN_N=N % bn == 0, BM=bm, BN=bn, BK=bk,
-                                 FMA=bm == 1, STAGES=stages, BLOCKED=w.blocked, num_warps=warps, num_stages=stages)  # fmt: skip
+                                 FMA=kernel == "fma", STAGES=stages, BLOCKED=w.blocked, num_warps=warps, num_stages=stages)  # fmt: skip
     return out.reshape(*lead, N)
 
 

@@ -6,6 +6,7 @@ import torch
 from stepquant.formats import FORMATS
 from stepquant.kernels.linear import (
     NVFP4Weight,
+    Tiling,
     _gemv_blocks,
     dequantize_nvfp4,
     nvfp4_dequantize,
@@ -75,37 +76,42 @@ def test_one_row_fma_kernel_matches_reference(device, mode, n, k):
     x = x[1:2]
     ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode=mode)
     w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc)
-    assert _gemv_blocks(1, n, k)[0] == 1
+    assert _gemv_blocks(1, n, k).kernel == "fma"
     assert _rel(nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32), ref) < 1e-5
-    split = nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32, config=(1, 16, 64, 4, k // 64, 1))
+    split = nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32, config=Tiling("fma", 1, 16, 64, 4, k // 64, 1))
     assert _rel(split, ref) < 1e-5
     with pytest.raises(ValueError, match="got 5 rows"):
-        nvfp4_linear(torch.cat([x] * 5), w, config=(1, 16, 64, 4, 1, 1))
+        nvfp4_linear(torch.cat([x] * 5), w, config=Tiling("fma", 1, 16, 64, 4, 1, 1))
     if k % 512:
         with pytest.raises(ValueError, match="whole 512-column tiles"):
-            nvfp4_linear(x, w, config=(1, 16, 512, 4, 1, 1))
+            nvfp4_linear(x, w, config=Tiling("fma", 1, 16, 512, 4, 1, 1))
 
 
 @pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
-@pytest.mark.parametrize("m", [2, 5, 8])
+@pytest.mark.parametrize("m", [2, 5, 12, 16])
 def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
-    """2-8 rows: each lane's mma.sync operands decoded in PTX (on CUDA; the interpreter runs the same tiles
-    through tl.dot), K split or not, N not a multiple of the program's rows."""
-    p, _, _ = _layer(48, 512, 7, device)
+    """2-16 rows: each lane's mma.sync operands decoded in PTX, 1 x 1 tiles a warp (up to 8 rows) and 2 x 2 (up to
+    16; on CUDA; the interpreter runs the same tiles through tl.dot), K split or not, N not a multiple of the
+    program's rows."""
+    p, _, _ = _layer(96, 512, 7, device)
     g = torch.Generator().manual_seed(m)
     x = (torch.randn(m, 512, generator=g) * 1.5).to(torch.bfloat16).to(device)
     isc = FORMATS["nvfp4"].input_scale(x.float().abs().amax())
     p["weight_scale"][0, 0] = torch.tensor(2.0**-9).to(torch.float8_e4m3fn)  # a subnormal E4M3 scale
+    p["weight_scale"][95, -1] = torch.tensor(448.0).to(torch.float8_e4m3fn)  # the largest, in the last block
     ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode=mode)
     w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc)
-    assert _gemv_blocks(m, 48, 512)[0] == 8
-    for config in (None, (8, 16, 256, 1, 1, 2), (8, 32, 256, 2, 2, 2), (8, 64, 256, 4, 1, 2)):
+    assert _gemv_blocks(m, 96, 512).kernel == ("mma.sync" if m <= 8 else "dot")  # 2 x 2 tiles from K = 2048 on
+    configs = [None] + [Tiling("mma.sync", 16, 32 * wp, 256, wp, sp) for wp, sp in ((1, 1), (2, 2), (4, 1))]
+    if m <= 8:
+        configs += [Tiling("mma.sync", 8, 16 * wp, 256, wp, sp) for wp, sp in ((1, 1), (2, 2), (4, 1))]
+    for config in configs:
         out = nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32, config=config)
         assert _rel(out, ref) < 1e-5, config
         assert torch.equal(nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32, config=config), out)
     assert _rel(nvfp4_linear(x, w, mode=mode), ref) < 1e-2
-    with pytest.raises(ValueError, match="up to 8 rows"):
-        nvfp4_linear(torch.cat([x] * 5), w, config=(8, 16, 256, 1, 1, 2))
+    with pytest.raises(ValueError, match="up to BM = 8 or 16 rows"):
+        nvfp4_linear(torch.cat([x] * 9), w, config=Tiling("mma.sync", 16, 32, 256, 1, 1))
 
 
 def test_few_rows_unaligned_operands_are_served(device):
@@ -141,11 +147,12 @@ def test_blocked_weights_give_the_plain_layouts_results(device, mode):
     for m in (1, 3, 12, 70):
         x = (torch.randn(m, 512, generator=g) * 1.5).to(torch.bfloat16).to(device)
         ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode=mode)
-        assert _gemv_blocks(m, 32, 512, blocked=False)[0] != 8 and (_gemv_blocks(m, 32, 512)[0] == 8) == (m == 3)
+        assert _gemv_blocks(m, 32, 512, blocked=False).kernel != "mma.sync"
+        assert (_gemv_blocks(m, 32, 512).kernel == "mma.sync") == (m == 3)
         for w in (blocked, plain):
             assert _rel(nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32), ref) < 1e-5, (m, w.blocked)
     with pytest.raises(ValueError, match="a blocked weight"):
-        nvfp4_linear(x[:3], plain, config=(8, 16, 256, 1, 1, 2))
+        nvfp4_linear(x[:3], plain, config=Tiling("mma.sync", 8, 16, 256, 1, 1))
     with pytest.raises(ValueError, match="N a multiple of 16 and K of 128, not 24 x 512"):
         NVFP4Weight.from_parts(p["weight"][:24], p["weight_scale"][:24], p["weight_scale_2"], blocked=True)
 
