@@ -573,7 +573,7 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
         return Tiling("fma" if m == 1 else "dot", (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1))
     if m == 1:  # small tiles, a deep cp.async pipeline, K split only when there are few programs
         bn, bk, warps = (8 if n * k < 1 << 23 else 16), _fit(256, k), 2
-        if bn == 16 and k >= 8192 and k % 512 == 0:  # long rows: twice the columns, twice the warps
+        if k % 512 == 0 and (bn == 8 or k >= 8192):  # small matrices, long rows: twice the columns, twice the warps
             bk, warps = 512, 4
         tiles, split = triton.cdiv(n, bn), 1
         while tiles * split < 128 and k // (split * 2) >= 2 * bk:
