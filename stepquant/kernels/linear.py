@@ -579,16 +579,11 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
         while tiles * split < 128 and k // (split * 2) >= 2 * bk:
             split *= 2
         return Tiling("fma", 1, bn, bk, warps, split, 5)
-    if mma_sync and m <= 8:  # K split until ~512 programs of 4 warps (a few per SM keep enough loads in flight)
+    if mma_sync:  # 64 rows a program (1 x 1 tiles a warp, 4 warps; 2 x 2, 2 warps), K split until >= 512 programs
         tiles, split = triton.cdiv(n, 64), 1
-        while split < 16 and tiles * split * 2 <= 512 and k // (split * 2) >= 256:
+        while split < 16 and tiles * split < 512 and k // (split * 2) >= 256:
             split *= 2
-        return Tiling("mma.sync", 8, 64, 256, 4, split)
-    if mma_sync:  # 9-16 rows: 2 x 2 tiles a warp, until ~1024 programs of 2 warps
-        tiles, split = triton.cdiv(n, 64), 1
-        while split < 16 and tiles * split * 2 <= 1024 and k // (split * 2) >= 256:
-            split *= 2
-        return Tiling("mma.sync", 16, 64, 256, 2, split)
+        return Tiling("mma.sync", 8, 64, 256, 4, split) if m <= 8 else Tiling("mma.sync", 16, 64, 256, 2, split)
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bn, warps = (64, 4) if n * k >= 1 << 24 else (32, 2)
     bk = _fit(128, k)
