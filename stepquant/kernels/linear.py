@@ -483,9 +483,9 @@ class NVFP4Weight:
     no host synchronization.
 
     `blocked`: the weight and its scales are stored in blocks of 16 rows x 128 columns (1 KB of codes, 128
-    bytes of scales; blocks in row-band order, row-major inside, rows row-major inside a block), so a warp's
-    step of a decode GEMV reads one contiguous kilobyte instead of 64 bytes from each of 16 rows 2 KB or more
-    apart: HBM serves that sequential stream measurably faster (BENCHMARKS.md, eleventh session)."""
+    bytes of scales), each block row-major, the blocks of a 16-row band one after another, band after band. A
+    warp's step of a decode GEMV then reads one contiguous kilobyte instead of 64 bytes from each of 16 rows 2 KB
+    or more apart, which HBM serves measurably faster (BENCHMARKS.md, eleventh session)."""
 
     weight: torch.Tensor  # uint8 [N, K/2] (blocked: the same bytes in blocks)
     weight_scale: torch.Tensor  # E4M3 bits, uint8 [N, K/16] (blocked: likewise)
