@@ -64,6 +64,7 @@ def main() -> None:
         k = compile_sm90(linear._nvfp4_mma_sync_kernel, SIG, {"ALPHA_IDX": 0, "ASM": True, "W": 4, "T": t, "STEP": step, "LOAD": load}, 4, 1)
         print(f"| {8 * t} (mma.sync, {t} x {t} tiles) | {64 * t} | 256 | 4 | {_summary(hot_loop(k.asm['cubin']), 128 * t)} |")
 
+
 def _summary(body: list[str], elements: float) -> str:
     """Loop instructions | per weight element a thread | the five most frequent opcodes."""
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)

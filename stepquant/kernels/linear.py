@@ -319,13 +319,13 @@ def _add_parts(part_ptr, out_ptr, tile, rn, rm, M, N, stride_om, alpha, SPLIT):
 # register set while this step computes (the loop runs two steps a turn).
 # Triton does not know which thread holds which element of the [32 W] tensors these values live in; the
 # PTX checks that element e sits on thread e and otherwise returns NaN, never a wrong number.
-def _mma_sync_loads_ptx(T: int, words: list[str], scales: list[str], wa: str, sa: str, tw: str, ts: str, pred: str = "") -> str:
+def _mma_sync_loads_ptx(T: int, words: list[str], scales: list[str], wa: str, sa: str, tw: str, pred: str = "") -> str:
     """PTX: a lane's part of a step's T blocks, streamed past L1: four words of rows g and g + 8 (16 bytes each,
-    512 bytes apart) and their two scale bytes (64 bytes apart); block r at wa + r tw and sa + r ts (bytes)."""
+    512 bytes apart) and their two scale bytes (64 bytes apart); block r at wa + r tw and sa + r tw / 8 (bytes)."""
     out = ["{", ".reg .b64 pw, ps, d;", f"mov.b64 pw, {wa}; mov.b64 ps, {sa};"]
     for r in range(T):
         if r:
-            out.append(f"cvt.s64.s32 d, {tw}; add.s64 pw, pw, d; cvt.s64.s32 d, {ts}; add.s64 ps, ps, d;")
+            out.append(f"cvt.s64.s32 d, {tw}; add.s64 pw, pw, d; shr.s64 d, d, 3; add.s64 ps, ps, d;")
         w = words[8 * r : 8 * r + 8]
         out += [f"{pred}ld.global.nc.L1::no_allocate.v4.u32 {{{', '.join(w[:4])}}}, [pw];",
                 f"{pred}ld.global.nc.L1::no_allocate.v4.u32 {{{', '.join(w[4:])}}}, [pw+512];",
@@ -338,15 +338,15 @@ def _mma_sync_step_ptx(T: int) -> str:
     """One 128-column step of a warp's T x T tiles. Operands: (out) the 4 T^2 accumulators, the next step's 8 T words
     and 2 T scale pairs; (in) the accumulators, this step's words (block r: rows g 8r..8r+3, g + 8 8r+4..8r+7) and
     scale pairs (two bytes: blocks 2t, 2t + 1), the next step's addresses (words, scales), this step's activation
-    addresses of tokens g (+ 8), the byte strides between blocks (words, scales), the steps left after this one and
-    the element index. Accumulators of block r and token group n: 4 (r T + n) ... + 3."""
+    addresses of tokens g (+ 8), the byte stride between the blocks' words, the steps left after this one and the
+    element index. Accumulators of block r and token group n: 4 (r T + n) ... + 3."""
     ops = iter(f"${i}" for i in range(1000))
     take = lambda n: [next(ops) for _ in range(n)]  # noqa: E731
     n_c = 4 * T * T
     c, nw, ns, c_in, w, s = take(n_c), take(8 * T), take(2 * T), take(n_c), take(8 * T), take(2 * T)
-    (wa, sa), xa, (tw, ts, left, elem) = take(2), take(T), take(4)
+    (wa, sa), xa, (tw, left, elem) = take(2), take(T), take(3)
     out = ["{", _REGS, f".reg .b32 q<{32 * T}>, x<{16 * T}>, b<{2 * T}>, ss<{4 * T}>, tx;", ".reg .pred pn, bad;",
-           f"setp.gt.s32 pn, {left}, 0;", _mma_sync_loads_ptx(T, nw, ns, wa, sa, tw, ts, "@pn ")]
+           f"setp.gt.s32 pn, {left}, 0;", _mma_sync_loads_ptx(T, nw, ns, wa, sa, tw, "@pn ")]
     for n in range(T):
         out += [f"ld.global.nc.v4.u32 {{x{16 * n + 4 * v}, x{16 * n + 4 * v + 1}, x{16 * n + 4 * v + 2}, x{16 * n + 4 * v + 3}}}, "
                 f"[{xa[n]}+{16 * v}];" for v in range(4)]  # fmt: skip
@@ -374,8 +374,8 @@ def _mma_sync_step_ptx(T: int) -> str:
 
 
 def _mma_sync_load_ptx(T: int) -> str:
-    """PTX: the first step's words and scales (operands as in the step: out words, scales; in addresses, strides)."""
-    regs = [f"${i}" for i in range(10 * T + 4)]
+    """PTX: the first step's words and scales (operands as in the step: out words, scales; in addresses, stride)."""
+    regs = [f"${i}" for i in range(10 * T + 3)]
     return _mma_sync_loads_ptx(T, regs[: 8 * T], regs[8 * T : 10 * T], *regs[10 * T :])
 
 
@@ -388,7 +388,7 @@ def _i64(p):
 
 
 @triton.jit
-def _mma_sync_step(c, w, wp, sp, xp, d, left, elem, tw, ts, T: tl.constexpr, STEP: tl.constexpr):
+def _mma_sync_step(c, w, wp, sp, xp, d, left, elem, tw, T: tl.constexpr, STEP: tl.constexpr):
     """The step at column offset d (relative to the split's start): accumulators c and this step's words w (tuples)
     -> the accumulators and the next step's words (T blocks on: 256 T words and 128 T scale bytes)."""
     e = d + 128
@@ -396,8 +396,8 @@ def _mma_sync_step(c, w, wp, sp, xp, d, left, elem, tw, ts, T: tl.constexpr, STE
     n_w: tl.constexpr = 10 * T
     xa = (_i64(xp[0] + d),) if T == 1 else (_i64(xp[0] + d), _i64(xp[1] + d))
     r = tl.inline_asm_elementwise(
-        STEP, "=&r," * (n_c + n_w) + "r," * (n_c + n_w) + "l," * (2 + T) + "r,r,r,r",
-        c + w + (_i64(wp + 2 * e), _i64(sp + e)) + xa + (tw, ts, left, elem),
+        STEP, "=&r," * (n_c + n_w) + "r," * (n_c + n_w) + "l," * (2 + T) + "r,r,r",
+        c + w + (_i64(wp + 2 * e), _i64(sp + e)) + xa + (tw, left, elem),
         dtype=(tl.float32,) * n_c + (tl.int32,) * n_w, is_pure=False, pack=1)  # fmt: skip
     return r[:n_c], r[n_c:]
 
@@ -437,16 +437,16 @@ def _nvfp4_mma_sync_kernel(
         block = tl.minimum(row // 16, N // 16 - T).to(tl.int64) * (K // 128) + ks // 128  # the warp's first block
         wp = w_ptr + block * 256 + elem % 32 * 4  # row g: word 16 g + 4 t of the block
         sp = sf_ptr.to(tl.pointer_type(tl.uint8)) + block * 128 + elem % 32 * 2
-        tw = K // 128 * 1024  # bytes from a block to the next 16 rows' (words; scales: an eighth)
+        tw = K // 128 * 1024  # bytes from a block's words to the next 16 rows' (their scales: an eighth of that)
         x0 = a_ptr + tl.minimum(g, M - 1).to(tl.int64) * stride_am + ks + 32 * t
         xp = (x0,) if T == 1 else (x0, a_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * stride_am + ks + 32 * t)
-        w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * T) + "l,l,r,r", [_i64(wp), _i64(sp), tw, tw // 8],
+        w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * T) + "l,l,r", [_i64(wp), _i64(sp), tw],
                                       dtype=(tl.int32,) * (10 * T), is_pure=False, pack=1)  # fmt: skip
         c = (tl.zeros((32 * W,), dtype=tl.float32),) * (4 * T * T)
         for k0 in range(ks, ke, 256):  # two steps a turn: two register sets, so a load is first used a step later
             d = k0 - ks
-            c, v = _mma_sync_step(c, w, wp, sp, xp, d, (ke - k0) // 128 - 1, elem, tw, tw // 8, T, STEP)
-            c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (ke - k0) // 128 - 2, elem, tw, tw // 8, T, STEP)
+            c, v = _mma_sync_step(c, w, wp, sp, xp, d, (ke - k0) // 128 - 1, elem, tw, T, STEP)
+            c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (ke - k0) // 128 - 2, elem, tw, T, STEP)
         for r in tl.static_range(T):  # block r's rows, token group n: accumulators 4 (r T + n) ... + 3
             for n in tl.static_range(T):
                 f = c[4 * (r * T + n)], c[4 * (r * T + n) + 1], c[4 * (r * T + n) + 2], c[4 * (r * T + n) + 3]
