@@ -305,7 +305,7 @@ def _add_parts(part_ptr, out_ptr, tile, rn, rm, M, N, stride_om, alpha, SPLIT):
         tl.atomic_xchg(tile, 0)
 
 
-# -- a few rows (2-16 tokens): mma.sync with every lane's operands filled by PTX --------------------------
+# -- a few rows (2-16 tokens, or one of a long matrix): mma.sync, every lane's operands filled by PTX --------------
 # The one-row kernel's FMAs cost 8 tokens 8x the work; Triton's own MMA route moves each decoded tile through
 # shared memory. Here each warp owns T x T tiles of `mma.sync.m16n8k16` (T blocks of 16 weight rows on the MMA's M
 # side, T groups of 8 tokens on N: T = 1 up to 8 rows, 2 for 9-16) and puts the decoded weights straight into the
@@ -550,9 +550,9 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 class Tiling(NamedTuple):
-    """Which GEMV kernel runs a decode-sized product, and its tiling. `kernel`: "fma" (one row: fp32 FMAs), "mma.sync"
-    (2-16 rows of a blocked weight: BM = 8 T tokens, BN = 16 T x warps rows, BK 256 = two steps a turn, stages unused)
-    or "dot" (Triton's MMA: BM tokens, a cp.async pipeline of `stages`)."""
+    """Which GEMV kernel runs a decode-sized product, and its tiling. `kernel`: "fma" (one row: fp32 FMAs),
+    "mma.sync" (up to 16 rows of a blocked weight: BM = 8 T tokens, BN = 16 T x warps rows, BK 256 = two steps a
+    turn, stages unused) or "dot" (Triton's MMA: BM tokens, a cp.async pipeline of `stages`)."""
 
     kernel: str
     bm: int
@@ -567,11 +567,11 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
     """The GEMV kernel and tiling for [m, k] @ [n, k].T, from sweeps on an H100 and H200 (BENCHMARKS.md)."""
     mma_sync = blocked and k % 256 == 0 and (m <= 8 or (m <= 16 and n % 32 == 0 and k >= 2048))
     if interpreting():
-        if m >= 2 and mma_sync:
+        if (m >= 2 or n >= 10240) and mma_sync:
             t = 1 if m <= 8 else 2
             return Tiling("mma.sync", 8 * t, 16 * t, 256, 1, (2 if k >= 512 else 1))
         return Tiling("fma" if m == 1 else "dot", (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1))
-    if m == 1:  # small tiles, a deep cp.async pipeline, K split only when there are few programs
+    if m == 1 and not (mma_sync and n >= 10240):  # small tiles, a deep cp.async pipeline, K split when few programs
         bn, bk, warps = (8 if n * k < 1 << 23 else 16), _fit(256, k), 2
         if k % 512 == 0 and (bn == 8 or k >= 8192):  # small matrices, long rows: twice the columns, twice the warps
             bk, warps = 512, 4
@@ -579,7 +579,10 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
         while tiles * split < 128 and k // (split * 2) >= 2 * bk:
             split *= 2
         return Tiling("fma", 1, bn, bk, warps, split, 5)
-    if mma_sync:  # 64 rows a program (1 x 1 tiles a warp, 4 warps; 2 x 2, 2 warps), K split until >= 512 programs
+    # mma.sync: 64 rows a program (1 x 1 tiles a warp, 4 warps; 2 x 2, 2 warps), K split until >= 512 programs. It also
+    # takes one row of the matrices with more than 10 K rows (dense up), which it streams 4-7% faster than the
+    # one-row kernel on both devices although 7 of its 8 token columns are padding (BENCHMARKS.md, twelfth session).
+    if mma_sync:
         tiles, split = triton.cdiv(n, 64), 1
         while split < 16 and tiles * split < 512 and k // (split * 2) >= 256:
             split *= 2

@@ -88,11 +88,11 @@ def test_one_row_fma_kernel_matches_reference(device, mode, n, k):
 
 
 @pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
-@pytest.mark.parametrize("m", [2, 5, 12, 16])
+@pytest.mark.parametrize("m", [1, 2, 5, 12, 16])
 def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
-    """2-16 rows: each lane's mma.sync operands decoded in PTX, 1 x 1 tiles a warp (up to 8 rows) and 2 x 2 (up to
+    """1-16 rows: each lane's mma.sync operands decoded in PTX, 1 x 1 tiles a warp (up to 8 rows) and 2 x 2 (up to
     16; on CUDA; the interpreter runs the same tiles through tl.dot), K split or not, N not a multiple of the
-    program's rows."""
+    program's rows. One row goes there only for matrices of more than 10 K rows."""
     p, _, _ = _layer(96, 512, 7, device)
     g = torch.Generator().manual_seed(m)
     x = (torch.randn(m, 512, generator=g) * 1.5).to(torch.bfloat16).to(device)
@@ -101,7 +101,8 @@ def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
     p["weight_scale"][95, -1] = torch.tensor(448.0).to(torch.float8_e4m3fn)  # the largest, in the last block
     ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode=mode)
     w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc)
-    assert _gemv_blocks(m, 96, 512).kernel == ("mma.sync" if m <= 8 else "dot")  # 2 x 2 tiles from K = 2048 on
+    assert _gemv_blocks(m, 96, 512).kernel == ("fma" if m == 1 else "mma.sync" if m <= 8 else "dot")  # 2 x 2 from K 2048
+    assert _gemv_blocks(1, 11264, 4096).kernel == "mma.sync" and _gemv_blocks(1, 8192, 4096).kernel == "fma"
     configs = [None] + [Tiling("mma.sync", 16, 32 * wp, 256, wp, sp) for wp, sp in ((1, 1), (2, 2), (4, 1))]
     if m <= 8:
         configs += [Tiling("mma.sync", 8, 16 * wp, 256, wp, sp) for wp, sp in ((1, 1), (2, 2), (4, 1))]
@@ -111,7 +112,7 @@ def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
         assert torch.equal(nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32, config=config), out)
     assert _rel(nvfp4_linear(x, w, mode=mode), ref) < 1e-2
     with pytest.raises(ValueError, match="up to BM = 8 or 16 rows"):
-        nvfp4_linear(torch.cat([x] * 9), w, config=Tiling("mma.sync", 16, 32, 256, 1, 1))
+        nvfp4_linear(torch.cat([x] * 17), w, config=Tiling("mma.sync", 16, 32, 256, 1, 1))
 
 
 def test_few_rows_unaligned_operands_are_served(device):
