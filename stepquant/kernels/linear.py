@@ -418,35 +418,48 @@ def _mma_sync_store(ptr, f, row, tok, M, N, stride, alpha):
 def _nvfp4_mma_sync_kernel(
     a_ptr, w_ptr, sf_ptr, out_ptr, part_ptr, count_ptr, scalars_ptr, M, N, K, K_PER_SPLIT, stride_am, stride_om, SPLIT,
     ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, W: tl.constexpr, T: tl.constexpr, STEP: tl.constexpr, LOAD: tl.constexpr,
+    KW: tl.constexpr = 1,
 ):  # fmt: skip
-    """out[M, N] = alpha * a[M, K] @ W.T for M <= 8 T, W blocked, N a multiple of 16 T, K_PER_SPLIT of 256: W warps of
-    16 T weight rows each, through mma.sync (see above). Under the interpreter the same tiles through tl.dot."""
+    """out[M, N] = alpha * a[M, K] @ W.T for M <= 8 T, W blocked, N a multiple of 16 T, K_PER_SPLIT of 256 KW: W warps,
+    W / KW groups of 16 T weight rows, through mma.sync (see above). KW > 1: the KW warps of a group each take an
+    equal part of the program's K range, their sums added in shared memory at the end (no global parts, no second
+    pass); then every K range must be full. Under the interpreter the same tiles through tl.dot."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     ks = pid_k * K_PER_SPLIT
     ke = tl.minimum(ks + K_PER_SPLIT, K)
     alpha = tl.load(scalars_ptr + ALPHA_IDX) * 256.0
-    R: tl.constexpr = 16 * T * W  # rows a program
+    G: tl.constexpr = W // KW  # row groups
+    R: tl.constexpr = 16 * T * G  # rows a program
     rn = pid_n * R + tl.arange(0, R)
     rm = tl.arange(0, 8 * T)
     if ASM:
         elem = tl.arange(0, 32 * W)  # the thread this element must be on
         g = elem % 32 // 4
         t = elem % 4
-        row = pid_n * R + elem // 32 * (16 * T) + g
-        block = tl.minimum(row // 16, N // 16 - T).to(tl.int64) * (K // 128) + ks // 128  # the warp's first block
+        row = pid_n * R + elem // 32 // KW * (16 * T) + g
+        span = (ke - ks) // KW  # each warp's columns
+        kw = ks + elem // 32 % KW * span  # and where they start
+        block = tl.minimum(row // 16, N // 16 - T).to(tl.int64) * (K // 128) + kw // 128  # the warp's first block
         wp = w_ptr + block * 256 + elem % 32 * 4  # row g: word 16 g + 4 t of the block
         sp = sf_ptr.to(tl.pointer_type(tl.uint8)) + block * 128 + elem % 32 * 2
         tw = K // 128 * 1024  # bytes from a block's words to the next 16 rows' (their scales: an eighth of that)
-        x0 = a_ptr + tl.minimum(g, M - 1).to(tl.int64) * stride_am + ks + 32 * t
-        xp = (x0,) if T == 1 else (x0, a_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * stride_am + ks + 32 * t)
+        x0 = a_ptr + tl.minimum(g, M - 1).to(tl.int64) * stride_am + kw + 32 * t
+        xp = (x0,) if T == 1 else (x0, a_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * stride_am + kw + 32 * t)
         w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * T) + "l,l,r", [_i64(wp), _i64(sp), tw],
                                       dtype=(tl.int32,) * (10 * T), is_pure=False, pack=1)  # fmt: skip
         c = (tl.zeros((32 * W,), dtype=tl.float32),) * (4 * T * T)
-        for k0 in range(ks, ke, 256):  # two steps a turn: two register sets, so a load is first used a step later
-            d = k0 - ks
-            c, v = _mma_sync_step(c, w, wp, sp, xp, d, (ke - k0) // 128 - 1, elem, tw, T, STEP)
-            c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (ke - k0) // 128 - 2, elem, tw, T, STEP)
+        for d in range(0, span, 256):  # two steps a turn: two register sets, so a load is first used a step later
+            c, v = _mma_sync_step(c, w, wp, sp, xp, d, (span - d) // 128 - 1, elem, tw, T, STEP)
+            c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, T, STEP)
+        if KW > 1:  # the group's warps' sums, added in shared memory
+            summed = ()
+            for i in tl.static_range(4 * T * T):
+                summed = summed + (tl.reshape(tl.sum(tl.reshape(c[i], (G, KW, 32)), axis=1), (32 * G,)),)
+            c = summed
+            lane = tl.arange(0, 32 * G)
+            row = pid_n * R + lane // 32 * (16 * T) + lane % 32 // 4
+            t = lane % 4
         for r in tl.static_range(T):  # block r's rows, token group n: accumulators 4 (r T + n) ... + 3
             for n in tl.static_range(T):
                 f = c[4 * (r * T + n)], c[4 * (r * T + n) + 1], c[4 * (r * T + n) + 2], c[4 * (r * T + n) + 3]
@@ -561,17 +574,21 @@ class Tiling(NamedTuple):
     warps: int
     split: int  # K splits, added in one launch (deterministic)
     stages: int = 1
+    kwarps: int = 1  # "mma.sync": warps that share a program's K range (BN = 16 T x warps / kwarps rows)
 
 
 def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
     """The GEMV kernel and tiling for [m, k] @ [n, k].T, from sweeps on an H100 and H200 (BENCHMARKS.md)."""
     mma_sync = blocked and k % 256 == 0 and (m <= 8 or (m <= 16 and n % 32 == 0 and k >= 2048))
+    shared = _shared_k(m, n, k) if mma_sync else None
     if interpreting():
-        if (m >= 2 or n >= 10240) and mma_sync:
+        if (m >= 2 or shared) and mma_sync:
             t = 1 if m <= 8 else 2
             return Tiling("mma.sync", 8 * t, 16 * t, 256, 1, (2 if k >= 512 else 1))
         return Tiling("fma" if m == 1 else "dot", (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1))
-    if m == 1 and not (mma_sync and n >= 10240):  # small tiles, a deep cp.async pipeline, K split when few programs
+    if shared:
+        return shared
+    if m == 1:  # small tiles, a deep cp.async pipeline, K split only when there are few programs
         bn, bk, warps = (8 if n * k < 1 << 23 else 16), _fit(256, k), 2
         if k % 512 == 0 and (bn == 8 or k >= 8192):  # small matrices, long rows: twice the columns, twice the warps
             bk, warps = 512, 4
@@ -579,10 +596,7 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
         while tiles * split < 128 and k // (split * 2) >= 2 * bk:
             split *= 2
         return Tiling("fma", 1, bn, bk, warps, split, 5)
-    # mma.sync: 64 rows a program (1 x 1 tiles a warp, 4 warps; 2 x 2, 2 warps), K split until >= 512 programs. It also
-    # takes one row of the matrices with more than 10 K rows (dense up), which it streams 4-7% faster than the
-    # one-row kernel on both devices although 7 of its 8 token columns are padding (BENCHMARKS.md, twelfth session).
-    if mma_sync:
+    if mma_sync:  # 64 rows a program (1 x 1 tiles a warp, 4 warps; 2 x 2, 2 warps), K split until >= 512 programs
         tiles, split = triton.cdiv(n, 64), 1
         while split < 16 and tiles * split < 512 and k // (split * 2) >= 256:
             split *= 2
@@ -595,6 +609,25 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
     while tiles * split < 264 and k // (split * 2) >= 2 * bk:  # 132 SMs
         split *= 2
     return Tiling("dot", bm, bn, bk, warps, split, 3)
+
+
+def _shared_k(m: int, n: int, k: int) -> Tiling | None:
+    """The mma.sync tiling with one row group a program (16 T rows) and its K range shared by all its warps (summed in
+    shared memory, no second pass), where that gives enough warps; else None. 1-8 rows: warps doubled until there
+    are 2048 (at most 16); one row only for the matrices of 2^25 weights and more, where it beats the one-row kernel
+    (7 of its 8 token columns are padding). 9-16 rows (2 x 2 tiles): 4 warps, where that makes 1024. Each warp's
+    columns must be whole 256-column turns. From H100 sweeps (BENCHMARKS.md, twelfth session)."""
+    t = 1 if m <= 8 else 2
+    programs, warps = triton.cdiv(n, 16 * t), 4
+    if t == 1:
+        warps = 1
+        while warps < 16 and programs * warps < 2048:
+            warps *= 2
+        if m == 1 and n * k < 1 << 25:
+            return None
+    elif programs * warps < 1024:
+        return None
+    return Tiling("mma.sync", 8 * t, 16 * t, 256, warps, 1, 1, warps) if k % (256 * warps) == 0 else None
 
 
 def _fit(bk: int, k: int) -> int:
@@ -641,15 +674,18 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     if config is None and (M > GEMV_MAX_M or K % 64):
         return _dequant_matmul(a, w, idx, out_dtype).reshape(*lead, N)
     a = _aligned(a)  # the GEMV kernels read int32 pairs and (mma.sync) 16-byte vectors of it
-    kernel, bm, bn, bk, warps, split, stages = config or _gemv_blocks(M, N, K, w.blocked)
+    kernel, bm, bn, bk, warps, split, stages, kw = config or _gemv_blocks(M, N, K, w.blocked)
     if K % bk:
         raise ValueError(f"the GEMV kernel reads whole {bk}-column tiles; K = {K} is not a multiple")
     if kernel == "fma" and M != 1:
         raise ValueError(f"the one-row GEMV got {M} rows")
-    if kernel == "mma.sync" and (bm not in (8, 16) or M > bm or not w.blocked or N % (2 * bm) or bk != 256 or bn != 2 * bm * warps):
+    if kernel == "mma.sync" and (bm not in (8, 16) or M > bm or not w.blocked or N % (2 * bm) or bk != 256
+                                 or warps % kw or bn != 2 * bm * warps // kw):  # fmt: skip
         raise ValueError(f"the mma.sync kernel takes up to BM = 8 or 16 rows, a blocked weight, N a multiple of 2 BM, "
-                         f"BK 256 and BN 2 BM x warps; got M = {M}, N = {N}, blocked = {w.blocked}, {config}")  # fmt: skip
-    per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+                         f"BK 256 and BN 2 BM x warps / kwarps; got M = {M}, N = {N}, blocked = {w.blocked}, {config}")  # fmt: skip
+    per_split = triton.cdiv(triton.cdiv(K, split), bk * kw) * bk * kw
+    if K % per_split and kw > 1:
+        raise ValueError(f"with {kw} warps on a K range every range must be full: K = {K}, {split} splits, {config}")
     split = triton.cdiv(K, per_split)
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
@@ -660,7 +696,7 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     if kernel == "mma.sync":
         step, load = _MMA_SYNC_PTX[bm // 8]
         _nvfp4_mma_sync_kernel[grid[::2]](*args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, T=bm // 8, STEP=step, LOAD=load,
-                                          num_warps=warps, num_stages=1)  # fmt: skip
+                                          KW=kw, num_warps=warps, num_stages=1)  # fmt: skip
     else:
         _nvfp4_gemv_kernel[grid](*args, ALPHA_IDX=idx, ASM=not interpreting(), EVEN_N=N % bn == 0, BM=bm, BN=bn, BK=bk,
                                  FMA=kernel == "fma", STAGES=stages, BLOCKED=w.blocked, num_warps=warps, num_stages=stages)  # fmt: skip

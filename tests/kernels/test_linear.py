@@ -91,8 +91,8 @@ def test_one_row_fma_kernel_matches_reference(device, mode, n, k):
 @pytest.mark.parametrize("m", [1, 2, 5, 12, 16])
 def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
     """1-16 rows: each lane's mma.sync operands decoded in PTX, 1 x 1 tiles a warp (up to 8 rows) and 2 x 2 (up to
-    16; on CUDA; the interpreter runs the same tiles through tl.dot), K split or not, N not a multiple of the
-    program's rows. One row goes there only for matrices of more than 10 K rows."""
+    16; on CUDA; the interpreter runs the same tiles through tl.dot), K split across programs or across a program's
+    warps or not, N not a multiple of the program's rows. One row goes there only for matrices of 2^25 weights and more."""
     p, _, _ = _layer(96, 512, 7, device)
     g = torch.Generator().manual_seed(m)
     x = (torch.randn(m, 512, generator=g) * 1.5).to(torch.bfloat16).to(device)
@@ -102,10 +102,14 @@ def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
     ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode=mode)
     w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc)
     assert _gemv_blocks(m, 96, 512).kernel == ("fma" if m == 1 else "mma.sync" if m <= 8 else "dot")  # 2 x 2 from K 2048
-    assert _gemv_blocks(1, 11264, 4096).kernel == "mma.sync" and _gemv_blocks(1, 8192, 4096).kernel == "fma"
+    if device == "cuda":  # the interpreter's rules mirror these at small tiles
+        assert _gemv_blocks(1, 8192, 4096) == Tiling("mma.sync", 8, 16, 256, 4, 1, 1, kwarps=4)  # K shared by 4 warps
+        assert _gemv_blocks(1, 4096, 11264).kernel == "fma"  # 11264 columns: no whole turns for 8 warps
     configs = [None] + [Tiling("mma.sync", 16, 32 * wp, 256, wp, sp) for wp, sp in ((1, 1), (2, 2), (4, 1))]
+    configs += [Tiling("mma.sync", 16, 32, 256, 2, 1, kwarps=2), Tiling("mma.sync", 16, 64, 256, 4, 1, kwarps=2)]
     if m <= 8:
         configs += [Tiling("mma.sync", 8, 16 * wp, 256, wp, sp) for wp, sp in ((1, 1), (2, 2), (4, 1))]
+        configs += [Tiling("mma.sync", 8, 32, 256, 4, 1, kwarps=2)]
     for config in configs:
         out = nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32, config=config)
         assert _rel(out, ref) < 1e-5, config
@@ -113,6 +117,11 @@ def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
     assert _rel(nvfp4_linear(x, w, mode=mode), ref) < 1e-2
     with pytest.raises(ValueError, match="up to BM = 8 or 16 rows"):
         nvfp4_linear(torch.cat([x] * 17), w, config=Tiling("mma.sync", 16, 32, 256, 1, 1))
+    p3, _, _ = _layer(96, 768, 7, device)
+    w3 = NVFP4Weight.from_parts(p3["weight"], p3["weight_scale"], p3["weight_scale_2"])
+    with pytest.raises(ValueError, match="every range must be full"):  # 768 columns in ranges of 512
+        x3 = torch.ones(m, 768, dtype=torch.bfloat16, device=device)
+        nvfp4_linear(x3, w3, config=Tiling("mma.sync", 16, 32, 256, 2, 1, kwarps=2))
 
 
 def test_few_rows_unaligned_operands_are_served(device):
