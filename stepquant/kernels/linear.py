@@ -582,7 +582,7 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
     mma_sync = blocked and k % 256 == 0 and (m <= 8 or (m <= 16 and n % 32 == 0 and k >= 2048))
     shared = _shared_k(m, n, k) if mma_sync else None
     if interpreting():
-        if (m >= 2 or shared) and mma_sync:
+        if shared or (m >= 2 and mma_sync):
             t = 1 if m <= 8 else 2
             return Tiling("mma.sync", 8 * t, 16 * t, 256, 1, (2 if k >= 512 else 1))
         return Tiling("fma" if m == 1 else "dot", (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1))
@@ -617,16 +617,18 @@ def _shared_k(m: int, n: int, k: int) -> Tiling | None:
     are 2048 (at most 16); one row only for the matrices of 2^25 weights and more, where it beats the one-row kernel
     (7 of its 8 token columns are padding). 9-16 rows (2 x 2 tiles): 4 warps, where that makes 1024. Each warp's
     columns must be whole 256-column turns. From H100 sweeps (BENCHMARKS.md, twelfth session)."""
+    if m == 1 and n * k < 1 << 25:
+        return None
     t = 1 if m <= 8 else 2
-    programs, warps = triton.cdiv(n, 16 * t), 4
+    programs = triton.cdiv(n, 16 * t)
     if t == 1:
         warps = 1
         while warps < 16 and programs * warps < 2048:
             warps *= 2
-        if m == 1 and n * k < 1 << 25:
+    else:
+        warps = 4
+        if programs * warps < 1024:
             return None
-    elif programs * warps < 1024:
-        return None
     return Tiling("mma.sync", 8 * t, 16 * t, 256, warps, 1, 1, warps) if k % (256 * warps) == 0 else None
 
 
