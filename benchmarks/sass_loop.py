@@ -60,8 +60,9 @@ def main() -> None:
         print(f"| {bm} | {bn} | {bk} | {warps} | {_summary(hot_loop(k.asm['cubin']), bn * bk / (32 * warps))} |")
     # 2-16 rows: the mma.sync kernel, one loop turn = two 128-column steps of T x T tiles a warp
     for t in (1, 2):
-        step, load = linear._MMA_SYNC_PTX[t]
-        k = compile_sm90(linear._nvfp4_mma_sync_kernel, SIG, {"ALPHA_IDX": 0, "ASM": True, "W": 4, "T": t, "STEP": step, "LOAD": load}, 4, 1)
+        step, load = linear._MMA_SYNC_PTX[t, t == 1]  # 1 x 1 tiles: activations a step ahead (as the rule mostly picks)
+        k = compile_sm90(linear._nvfp4_mma_sync_kernel, SIG, {"ALPHA_IDX": 0, "ASM": True, "W": 4, "T": t, "STEP": step, "LOAD": load,
+                                                                   "PX": t == 1}, 4, 1)
         print(f"| {8 * t} (mma.sync, {t} x {t} tiles) | {64 * t} | 256 | 4 | {_summary(hot_loop(k.asm['cubin']), 128 * t)} |")
 
 

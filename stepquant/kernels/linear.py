@@ -334,7 +334,13 @@ def _mma_sync_loads_ptx(T: int, words: list[str], scales: list[str], wa: str, sa
     return "\n".join(out + ["}"])
 
 
-def _mma_sync_step_ptx(T: int) -> str:
+def _x_loads_ptx(T: int, x: list[str], xa: list[str], pred: str = "") -> list[str]:
+    """PTX: a lane's activations of a step, 64 bytes of token g (+ 8) a token group: x[16 n ... 16 n + 15] from xa[n]."""
+    return [f"{pred}ld.global.nc.v4.u32 {{{', '.join(x[16 * n + 4 * v : 16 * n + 4 * v + 4])}}}, [{xa[n]}+{16 * v}];"
+            for n in range(T) for v in range(4)]  # fmt: skip
+
+
+def _mma_sync_step_ptx(T: int, px: bool = False) -> str:
     """One 128-column step of a warp's T x T tiles. Operands: (out) the 4 T^2 accumulators, the next step's 8 T words
     and 2 T scale pairs; (in) the accumulators, this step's words (block r: rows g 8r..8r+3, g + 8 8r+4..8r+7) and
     scale pairs (two bytes: blocks 2t, 2t + 1), the next step's addresses (words, scales), this step's activation
@@ -343,13 +349,16 @@ def _mma_sync_step_ptx(T: int) -> str:
     ops = iter(f"${i}" for i in range(1000))
     take = lambda n: [next(ops) for _ in range(n)]  # noqa: E731
     n_c = 4 * T * T
-    c, nw, ns, c_in, w, s = take(n_c), take(8 * T), take(2 * T), take(n_c), take(8 * T), take(2 * T)
+    c, nw, ns, nx = take(n_c), take(8 * T), take(2 * T), take(16 * T if px else 0)
+    c_in, w, s, x = take(n_c), take(8 * T), take(2 * T), take(16 * T if px else 0)
     (wa, sa), xa, (tw, left, elem) = take(2), take(T), take(3)
     out = ["{", _REGS, f".reg .b32 q<{32 * T}>, x<{16 * T}>, b<{2 * T}>, ss<{4 * T}>, tx;", ".reg .pred pn, bad;",
            f"setp.gt.s32 pn, {left}, 0;", _mma_sync_loads_ptx(T, nw, ns, wa, sa, tw, "@pn ")]
-    for n in range(T):
-        out += [f"ld.global.nc.v4.u32 {{x{16 * n + 4 * v}, x{16 * n + 4 * v + 1}, x{16 * n + 4 * v + 2}, x{16 * n + 4 * v + 3}}}, "
-                f"[{xa[n]}+{16 * v}];" for v in range(4)]  # fmt: skip
+    if px:  # the next step's activations, a step ahead like the weights
+        out += _x_loads_ptx(T, nx, xa, "@pn ")
+    else:
+        x = [f"x{i}" for i in range(16 * T)]
+        out += _x_loads_ptx(T, x, xa)
     for r in range(T):
         for h in range(2):  # rows g, g + 8: ss<4r + 2h>, ss<4r + 2h + 1> are their two blocks' scales
             sr = s[2 * r + h]
@@ -359,7 +368,7 @@ def _mma_sync_step_ptx(T: int) -> str:
     for k in range(4):  # word k of the lane's four
         for h in range(2):  # pairs (2h, 2h + 4) and (2h + 1, 2h + 5): activation words 4k + h and 4k + h + 2
             for n in range(T):
-                x0, x2 = f"x{16 * n + 4 * k + h}", f"x{16 * n + 4 * k + h + 2}"
+                x0, x2 = x[16 * n + 4 * k + h], x[16 * n + 4 * k + h + 2]
                 out.append(f"prmt.b32 b{2 * n}, {x0}, {x2}, 0x5410; prmt.b32 b{2 * n + 1}, {x0}, {x2}, 0x7632;")
             for r in range(T):
                 q = [f"q{32 * r + 4 * k + 2 * h}", f"q{32 * r + 16 + 4 * k + 2 * h}", f"q{32 * r + 4 * k + 2 * h + 1}", f"q{32 * r + 16 + 4 * k + 2 * h + 1}"]
@@ -373,13 +382,18 @@ def _mma_sync_step_ptx(T: int) -> str:
     return "\n".join(out + ["}"])
 
 
-def _mma_sync_load_ptx(T: int) -> str:
-    """PTX: the first step's words and scales (operands as in the step: out words, scales; in addresses, stride)."""
-    regs = [f"${i}" for i in range(10 * T + 3)]
-    return _mma_sync_loads_ptx(T, regs[: 8 * T], regs[8 * T : 10 * T], *regs[10 * T :])
+def _mma_sync_load_ptx(T: int, px: bool = False) -> str:
+    """PTX: the first step's words and scales (operands as in the step: out words, scales (, activations); in
+    addresses, stride (, activation addresses))."""
+    nx = 16 * T if px else 0
+    regs = [f"${i}" for i in range(10 * T + nx + 3 + (T if px else 0))]
+    out = _mma_sync_loads_ptx(T, regs[: 8 * T], regs[8 * T : 10 * T], *regs[10 * T + nx : 10 * T + nx + 3])
+    if px:
+        out = "{\n" + out + "\n" + "\n".join(_x_loads_ptx(T, regs[10 * T : 10 * T + nx], regs[10 * T + nx + 3 :])) + "\n}"
+    return out
 
 
-_MMA_SYNC_PTX = {T: (_mma_sync_step_ptx(T), _mma_sync_load_ptx(T)) for T in (1, 2)}
+_MMA_SYNC_PTX = {(T, px): (_mma_sync_step_ptx(T, px), _mma_sync_load_ptx(T, px)) for T in (1, 2) for px in (False, True)}
 
 
 @triton.jit
@@ -388,13 +402,15 @@ def _i64(p):
 
 
 @triton.jit
-def _mma_sync_step(c, w, wp, sp, xp, d, left, elem, tw, T: tl.constexpr, STEP: tl.constexpr):
-    """The step at column offset d (relative to the split's start): accumulators c and this step's words w (tuples)
-    -> the accumulators and the next step's words (T blocks on: 256 T words and 128 T scale bytes)."""
+def _mma_sync_step(c, w, wp, sp, xp, d, left, elem, tw, T: tl.constexpr, STEP: tl.constexpr, PX: tl.constexpr = False):
+    """The step at column offset d (relative to the split's start): accumulators c and this step's words w (tuples;
+    PX: its activations too) -> the accumulators and the next step's words (T blocks on: 256 T words and 128 T scale
+    bytes; PX: and activations)."""
     e = d + 128
     n_c: tl.constexpr = 4 * T * T
-    n_w: tl.constexpr = 10 * T
-    xa = (_i64(xp[0] + d),) if T == 1 else (_i64(xp[0] + d), _i64(xp[1] + d))
+    n_w: tl.constexpr = 26 * T if PX else 10 * T
+    xd = e if PX else d  # PX: the next step's activations are loaded, else this step's
+    xa = (_i64(xp[0] + xd),) if T == 1 else (_i64(xp[0] + xd), _i64(xp[1] + xd))
     r = tl.inline_asm_elementwise(
         STEP, "=&r," * (n_c + n_w) + "r," * (n_c + n_w) + "l," * (2 + T) + "r,r,r",
         c + w + (_i64(wp + 2 * e), _i64(sp + e)) + xa + (tw, left, elem),
@@ -418,12 +434,14 @@ def _mma_sync_store(ptr, f, row, tok, M, N, stride, alpha):
 def _nvfp4_mma_sync_kernel(
     a_ptr, w_ptr, sf_ptr, out_ptr, part_ptr, count_ptr, scalars_ptr, M, N, K, K_PER_SPLIT, stride_am, stride_om, SPLIT,
     ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, W: tl.constexpr, T: tl.constexpr, STEP: tl.constexpr, LOAD: tl.constexpr,
-    KW: tl.constexpr = 1,
+    KW: tl.constexpr = 1, PX: tl.constexpr = False, ODD: tl.constexpr = False,
 ):  # fmt: skip
-    """out[M, N] = alpha * a[M, K] @ W.T for M <= 8 T, W blocked, N a multiple of 16 T, K_PER_SPLIT of 256 KW: W warps,
-    W / KW groups of 16 T weight rows, through mma.sync (see above). KW > 1: the KW warps of a group each take an
-    equal part of the program's K range, their sums added in shared memory at the end (no global parts, no second
-    pass); then every K range must be full. Under the interpreter the same tiles through tl.dot."""
+    """out[M, N] = alpha * a[M, K] @ W.T for M <= 8 T, W blocked, N a multiple of 16 T, K_PER_SPLIT of 256 KW (ODD: of
+    128 KW, a warp's range may be an odd number of steps): W warps, W / KW groups of 16 T weight rows, through mma.sync
+    (see above). KW > 1: the KW warps of a group each take an equal part of the program's K range, their sums added
+    in shared memory at the end (no global parts, no second pass); then every K range must be full. PX: each step
+    loads the next step's activations too (more registers, no wait on them). Under the interpreter the same tiles
+    through tl.dot."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     ks = pid_k * K_PER_SPLIT
@@ -446,12 +464,20 @@ def _nvfp4_mma_sync_kernel(
         tw = K // 128 * 1024  # bytes from a block's words to the next 16 rows' (their scales: an eighth of that)
         x0 = a_ptr + tl.minimum(g, M - 1).to(tl.int64) * stride_am + kw + 32 * t
         xp = (x0,) if T == 1 else (x0, a_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * stride_am + kw + 32 * t)
-        w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * T) + "l,l,r", [_i64(wp), _i64(sp), tw],
-                                      dtype=(tl.int32,) * (10 * T), is_pure=False, pack=1)  # fmt: skip
+        if PX:
+            w = tl.inline_asm_elementwise(LOAD, "=&r," * (26 * T) + "l,l,r" + ",l" * T, [_i64(wp), _i64(sp), tw] + [_i64(p) for p in xp],
+                                          dtype=(tl.int32,) * (26 * T), is_pure=False, pack=1)  # fmt: skip
+        else:
+            w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * T) + "l,l,r", [_i64(wp), _i64(sp), tw],
+                                          dtype=(tl.int32,) * (10 * T), is_pure=False, pack=1)  # fmt: skip
         c = (tl.zeros((32 * W,), dtype=tl.float32),) * (4 * T * T)
         for d in range(0, span, 256):  # two steps a turn: two register sets, so a load is first used a step later
-            c, v = _mma_sync_step(c, w, wp, sp, xp, d, (span - d) // 128 - 1, elem, tw, T, STEP)
-            c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, T, STEP)
+            c, v = _mma_sync_step(c, w, wp, sp, xp, d, (span - d) // 128 - 1, elem, tw, T, STEP, PX)
+            if ODD:  # an odd number of steps: the last turn has one
+                if d + 128 < span:
+                    c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, T, STEP, PX)
+            else:
+                c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, T, STEP, PX)
         if KW > 1:  # the group's warps' sums, added in shared memory
             summed = ()
             for i in tl.static_range(4 * T * T):
@@ -564,8 +590,8 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 class Tiling(NamedTuple):
     """Which GEMV kernel runs a decode-sized product, and its tiling. `kernel`: "fma" (one row: fp32 FMAs),
-    "mma.sync" (up to 16 rows of a blocked weight: BM = 8 T tokens, BN = 16 T x warps rows, BK 256 = two steps a
-    turn, stages unused) or "dot" (Triton's MMA: BM tokens, a cp.async pipeline of `stages`)."""
+    "mma.sync" (up to 16 rows of a blocked weight: BM = 8 T tokens, BN = 16 T x warps rows, BK 256 = two 128-column
+    steps a turn, or 128 where a warp's range may be an odd number of steps; stages unused) or "dot" (Triton's MMA: BM tokens, a cp.async pipeline of `stages`)."""
 
     kernel: str
     bm: int
@@ -575,6 +601,7 @@ class Tiling(NamedTuple):
     split: int  # K splits, added in one launch (deterministic)
     stages: int = 1
     kwarps: int = 1  # "mma.sync": warps that share a program's K range (BN = 16 T x warps / kwarps rows)
+    ahead: bool = False  # "mma.sync": activations loaded a step ahead, like the weights (more registers)
 
 
 def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
@@ -614,22 +641,27 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
 def _shared_k(m: int, n: int, k: int) -> Tiling | None:
     """The mma.sync tiling with one row group a program (16 T rows) and its K range shared by all its warps (summed in
     shared memory, no second pass), where that gives enough warps; else None. 1-8 rows: warps doubled until there
-    are 2048 (at most 16); one row only for the matrices of 2^25 weights and more, where it beats the one-row kernel
-    (7 of its 8 token columns are padding). 9-16 rows (2 x 2 tiles): 4 warps, where that makes 1024. Each warp's
-    columns must be whole 256-column turns. From H100 sweeps (BENCHMARKS.md, twelfth session)."""
-    if m == 1 and n * k < 1 << 25:
+    are 2048, or a warp's range would fall under four 128-column steps (at most 16 warps); activations loaded a step
+    ahead where every program is resident at once (2048 warps or fewer). One row too, where K has 2048 columns or
+    more: there it beats the one-row kernel although 7 of its 8 token columns are padding. 9-16 rows (2 x 2 tiles):
+    4 warps, where that makes 1024. Each warp's range must be whole 128-column steps. From H100 sweeps
+    (BENCHMARKS.md, twelfth and thirteenth sessions)."""
+    if m == 1 and k < 2048:
         return None
     t = 1 if m <= 8 else 2
     programs = triton.cdiv(n, 16 * t)
     if t == 1:
         warps = 1
-        while warps < 16 and programs * warps < 2048:
+        while warps < 16 and programs * warps < 2048 and k // (2 * warps) >= 512:
             warps *= 2
     else:
         warps = 4
         if programs * warps < 1024:
             return None
-    return Tiling("mma.sync", 8 * t, 16 * t, 256, warps, 1, 1, warps) if k % (256 * warps) == 0 else None
+    if k % (128 * warps):
+        return None
+    bk = 256 if k % (256 * warps) == 0 else 128
+    return Tiling("mma.sync", 8 * t, 16 * t, bk, warps, 1, 1, warps, t == 1 and programs * warps <= 2048)
 
 
 def _fit(bk: int, k: int) -> int:
@@ -676,15 +708,15 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     if config is None and (M > GEMV_MAX_M or K % 64):
         return _dequant_matmul(a, w, idx, out_dtype).reshape(*lead, N)
     a = _aligned(a)  # the GEMV kernels read int32 pairs and (mma.sync) 16-byte vectors of it
-    kernel, bm, bn, bk, warps, split, stages, kw = config or _gemv_blocks(M, N, K, w.blocked)
+    kernel, bm, bn, bk, warps, split, stages, kw, ahead = config or _gemv_blocks(M, N, K, w.blocked)
     if K % bk:
         raise ValueError(f"the GEMV kernel reads whole {bk}-column tiles; K = {K} is not a multiple")
     if kernel == "fma" and M != 1:
         raise ValueError(f"the one-row GEMV got {M} rows")
-    if kernel == "mma.sync" and (bm not in (8, 16) or M > bm or not w.blocked or N % (2 * bm) or bk != 256
+    if kernel == "mma.sync" and (bm not in (8, 16) or M > bm or not w.blocked or N % (2 * bm) or bk not in (128, 256)
                                  or warps % kw or bn != 2 * bm * warps // kw):  # fmt: skip
         raise ValueError(f"the mma.sync kernel takes up to BM = 8 or 16 rows, a blocked weight, N a multiple of 2 BM, "
-                         f"BK 256 and BN 2 BM x warps / kwarps; got M = {M}, N = {N}, blocked = {w.blocked}, {config}")  # fmt: skip
+                         f"BK 128 or 256 and BN 2 BM x warps / kwarps; got M = {M}, N = {N}, blocked = {w.blocked}, {config}")  # fmt: skip
     per_split = triton.cdiv(triton.cdiv(K, split), bk * kw) * bk * kw
     if K % per_split and kw > 1:
         raise ValueError(f"with {kw} warps on a K range every range must be full: K = {K}, {split} splits, {config}")
@@ -696,9 +728,9 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     args = (a, w.weight.view(torch.int32), w.weight_scale.view(torch.int32), out, parts, counters, w.scalars,
             M, N, K, per_split, a.stride(0), out.stride(0), split)  # fmt: skip
     if kernel == "mma.sync":
-        step, load = _MMA_SYNC_PTX[bm // 8]
+        step, load = _MMA_SYNC_PTX[bm // 8, ahead]
         _nvfp4_mma_sync_kernel[grid[::2]](*args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, T=bm // 8, STEP=step, LOAD=load,
-                                          KW=kw, num_warps=warps, num_stages=1)  # fmt: skip
+                                          KW=kw, PX=ahead, ODD=bk == 128, num_warps=warps, num_stages=1)  # fmt: skip
     else:
         _nvfp4_gemv_kernel[grid](*args, ALPHA_IDX=idx, ASM=not interpreting(), EVEN_N=N % bn == 0, BM=bm, BN=bn, BK=bk,
                                  FMA=kernel == "fma", STAGES=stages, BLOCKED=w.blocked, num_warps=warps, num_stages=stages)  # fmt: skip

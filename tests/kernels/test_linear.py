@@ -92,7 +92,8 @@ def test_one_row_fma_kernel_matches_reference(device, mode, n, k):
 def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
     """1-16 rows: each lane's mma.sync operands decoded in PTX, 1 x 1 tiles a warp (up to 8 rows) and 2 x 2 (up to
     16; on CUDA; the interpreter runs the same tiles through tl.dot), K split across programs or across a program's
-    warps or not, N not a multiple of the program's rows. One row goes there only for matrices of 2^25 weights and more."""
+    warps or not, ranges of an odd number of 128-column steps, activations loaded a step ahead or not, N not a
+    multiple of the program's rows. One row goes there only where K has 2048 columns or more."""
     p, _, _ = _layer(96, 512, 7, device)
     g = torch.Generator().manual_seed(m)
     x = (torch.randn(m, 512, generator=g) * 1.5).to(torch.bfloat16).to(device)
@@ -103,13 +104,17 @@ def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
     w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc)
     assert _gemv_blocks(m, 96, 512).kernel == ("fma" if m == 1 else "mma.sync" if m <= 8 else "dot")  # 2 x 2 from K 2048
     if device == "cuda":  # the interpreter's rules mirror these at small tiles
-        assert _gemv_blocks(1, 8192, 4096) == Tiling("mma.sync", 8, 16, 256, 4, 1, 1, kwarps=4)  # K shared by 4 warps
-        assert _gemv_blocks(1, 4096, 11264).kernel == "fma"  # 11264 columns: no whole turns for 8 warps
+        assert _gemv_blocks(1, 8192, 4096) == Tiling("mma.sync", 8, 16, 256, 4, 1, 1, kwarps=4, ahead=True)  # K shared by 4 warps
+        assert _gemv_blocks(8, 4096, 11264) == Tiling("mma.sync", 8, 16, 128, 8, 1, 1, kwarps=8, ahead=True)  # 11 steps a warp
+        assert _gemv_blocks(1, 11264, 4096).ahead is False  # 2816 warps: not all resident with the extra registers
+        assert _gemv_blocks(1, 4096, 1280).kernel == "fma"
     configs = [None] + [Tiling("mma.sync", 16, 32 * wp, 256, wp, sp) for wp, sp in ((1, 1), (2, 2), (4, 1))]
     configs += [Tiling("mma.sync", 16, 32, 256, 2, 1, kwarps=2), Tiling("mma.sync", 16, 64, 256, 4, 1, kwarps=2)]
+    configs += [Tiling("mma.sync", 16, 32, 128, 4, 1, 1, 4, ahead=True), Tiling("mma.sync", 16, 32, 256, 2, 1, 1, 2, ahead=True)]
     if m <= 8:
         configs += [Tiling("mma.sync", 8, 16 * wp, 256, wp, sp) for wp, sp in ((1, 1), (2, 2), (4, 1))]
-        configs += [Tiling("mma.sync", 8, 32, 256, 4, 1, kwarps=2)]
+        configs += [Tiling("mma.sync", 8, 32, 256, 4, 1, kwarps=2), Tiling("mma.sync", 8, 16, 128, 4, 1, 1, 4, ahead=True)]
+        configs += [Tiling("mma.sync", 8, 32, 256, 2, 2, 1, 1, ahead=True)]
     for config in configs:
         out = nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32, config=config)
         assert _rel(out, ref) < 1e-5, config
@@ -119,9 +124,13 @@ def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
         nvfp4_linear(torch.cat([x] * 17), w, config=Tiling("mma.sync", 16, 32, 256, 1, 1))
     p3, _, _ = _layer(96, 768, 7, device)
     w3 = NVFP4Weight.from_parts(p3["weight"], p3["weight_scale"], p3["weight_scale_2"])
+    x3 = (torch.randn(m, 768, generator=g) * 1.5).to(torch.bfloat16).to(device)
     with pytest.raises(ValueError, match="every range must be full"):  # 768 columns in ranges of 512
-        x3 = torch.ones(m, 768, dtype=torch.bfloat16, device=device)
         nvfp4_linear(x3, w3, config=Tiling("mma.sync", 16, 32, 256, 2, 1, kwarps=2))
+    ref3 = nvfp4_linear_reference(x3.cpu(), p3["weight"].cpu(), p3["weight_scale"].cpu(), p3["weight_scale_2"])
+    for ahead in (False, True):  # three 128-column steps a warp
+        out = nvfp4_linear(x3, w3, out_dtype=torch.float32, config=Tiling("mma.sync", 16, 32, 128, 2, 1, 1, 2, ahead))
+        assert _rel(out, ref3) < 1e-5, ahead
 
 
 def test_few_rows_unaligned_operands_are_served(device):
