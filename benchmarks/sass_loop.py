@@ -58,12 +58,13 @@ def main() -> None:
                  "BLOCKED": True}  # the Step shapes' weights are blocked (NVFP4Weight)
         k = compile_sm90(linear._nvfp4_gemv_kernel, SIG, const, warps, stages)
         print(f"| {bm} | {bn} | {bk} | {warps} | {_summary(hot_loop(k.asm['cubin']), bn * bk / (32 * warps))} |")
-    # 2-16 rows: the mma.sync kernel, one loop turn = two 128-column steps of T x T tiles a warp
-    for t in (1, 2):
-        step, load = linear._MMA_SYNC_PTX[t, t == 1]  # 1 x 1 tiles: activations a step ahead (as the rule mostly picks)
-        k = compile_sm90(linear._nvfp4_mma_sync_kernel, SIG, {"ALPHA_IDX": 0, "ASM": True, "W": 4, "T": t, "STEP": step, "LOAD": load,
-                                                                   "PX": t == 1}, 4, 1)
-        print(f"| {8 * t} (mma.sync, {t} x {t} tiles) | {64 * t} | 256 | 4 | {_summary(hot_loop(k.asm['cubin']), 128 * t)} |")
+    # 2-16 rows: the mma.sync kernel, one loop turn = two 128-column steps of TR x TN tiles a warp
+    for tr, tn in ((1, 1), (1, 2), (2, 2)):
+        px = tr == 1  # activations a step ahead where the rule mostly picks them
+        step, load = linear._MMA_SYNC_PTX[tr, tn, px]
+        const = {"ALPHA_IDX": 0, "ASM": True, "W": 4, "TR": tr, "TN": tn, "STEP": step, "LOAD": load, "KW": 4, "PX": px}
+        k = compile_sm90(linear._nvfp4_mma_sync_kernel, SIG, const, 4, 1)
+        print(f"| {8 * tn} (mma.sync, {tr} x {tn} tiles) | {16 * tr} | 256 | 4 | {_summary(hot_loop(k.asm['cubin']), 128 * tr)} |")
 
 
 def _summary(body: list[str], elements: float) -> str:

@@ -210,10 +210,14 @@ def _x_pairs(row_ptr, k0, BK: tl.constexpr):
 
 
 @triton.jit
-def _word_dots(acc, words, sf, xw, ASM: tl.constexpr):
+def _word_dots(acc, words, sf, xw, ASM: tl.constexpr, ROWS3: tl.constexpr = False):
     """acc [BN, BK/8] + weight words [BN, BK/8] (their scale operands alike) times one row of activations
-    (`_x_pairs`, [BK/2]): each word's 8 products (scale included) added in fp32, one FMA each."""
-    q02, q13 = tl.split(tl.reshape(xw, (1, xw.shape[0] // 4, 2, 2)))  # pair q of a word: elements 2q, 2q + 1
+    (`_x_pairs`, [BK/2]): each word's 8 products (scale included) added in fp32, one FMA each. ROWS3: acc and
+    words [P, BN, BK/8], a row of activations [P, BK/2] for each P."""
+    if ROWS3:
+        q02, q13 = tl.split(tl.reshape(xw, (xw.shape[0], 1, xw.shape[1] // 4, 2, 2)))
+    else:
+        q02, q13 = tl.split(tl.reshape(xw, (1, xw.shape[0] // 4, 2, 2)))  # pair q of a word: elements 2q, 2q + 1
     q0, q2 = tl.split(q02)
     q1, q3 = tl.split(q13)
     r0, r1, r2, r3 = _weight_pairs(words, sf, ASM)  # pair j: elements (j, j + 4)
@@ -307,23 +311,23 @@ def _add_parts(part_ptr, out_ptr, tile, rn, rm, M, N, stride_om, alpha, SPLIT):
 
 # -- a few rows (2-16 tokens, or one of a long matrix): mma.sync, every lane's operands filled by PTX --------------
 # The one-row kernel's FMAs cost 8 tokens 8x the work; Triton's own MMA route moves each decoded tile through
-# shared memory. Here each warp owns T x T tiles of `mma.sync.m16n8k16` (T blocks of 16 weight rows on the MMA's M
-# side, T groups of 8 tokens on N: T = 1 up to 8 rows, 2 for 9-16) and puts the decoded weights straight into the
-# MMA's registers. A warp's step is T blocks of a blocked weight (NVFP4Weight: 16 rows x 128 columns, 1 KB read
+# shared memory. Here each warp owns TR x TN tiles of `mma.sync.m16n8k16` (TR blocks of 16 weight rows on the MMA's M
+# side, TN groups of 8 tokens on N: 1 x 1 up to 8 rows, 2 x 2 or 1 x 2 for 9-16) and puts the decoded weights straight
+# into the MMA's registers. A warp's step is TR blocks of a blocked weight (NVFP4Weight: 16 rows x 128 columns, 1 KB read
 # whole; the next step's block follows it). Lane (g, t) = (lane / 4, lane % 4) reads 16 bytes of rows g and g + 8 of
 # each block: columns [32 t, 32 t + 32) of the step, four words. A K sum does not care in which order its terms
 # come, so the MMA's k index need not be the column: word w's pairs (j, j + 4) (what the decode gives) go to
 # k = (2 t, 2 t + 1) and (2 t + 8, 2 t + 9) of two MMAs, and the same lane hands the MMA the activations of those
-# same columns (tokens g and g + 8, two prmt a word); with T = 2 each decoded block and each token group serve two
-# MMAs, which halves the activation reads a weight byte costs. The next step's words are loaded into a second
+# same columns (tokens g and g + 8, two prmt a word); with 2 x 2 tiles each decoded block and each token group serve
+# two MMAs, which halves the activation reads a weight byte costs. The next step's words are loaded into a second
 # register set while this step computes (the loop runs two steps a turn).
 # Triton does not know which thread holds which element of the [32 W] tensors these values live in; the
 # PTX checks that element e sits on thread e and otherwise returns NaN, never a wrong number.
-def _mma_sync_loads_ptx(T: int, words: list[str], scales: list[str], wa: str, sa: str, tw: str, pred: str = "") -> str:
-    """PTX: a lane's part of a step's T blocks, streamed past L1: four words of rows g and g + 8 (16 bytes each,
+def _mma_sync_loads_ptx(TR: int, words: list[str], scales: list[str], wa: str, sa: str, tw: str, pred: str = "") -> str:
+    """PTX: a lane's part of a step's TR blocks, streamed past L1: four words of rows g and g + 8 (16 bytes each,
     512 bytes apart) and their two scale bytes (64 bytes apart); block r at wa + r tw and sa + r tw / 8 (bytes)."""
     out = ["{", ".reg .b64 pw, ps, d;", f"mov.b64 pw, {wa}; mov.b64 ps, {sa};"]
-    for r in range(T):
+    for r in range(TR):
         if r:
             out.append(f"cvt.s64.s32 d, {tw}; add.s64 pw, pw, d; shr.s64 d, d, 3; add.s64 ps, ps, d;")
         w = words[8 * r : 8 * r + 8]
@@ -334,32 +338,33 @@ def _mma_sync_loads_ptx(T: int, words: list[str], scales: list[str], wa: str, sa
     return "\n".join(out + ["}"])
 
 
-def _x_loads_ptx(T: int, x: list[str], xa: list[str], pred: str = "") -> list[str]:
+def _x_loads_ptx(TN: int, x: list[str], xa: list[str], pred: str = "") -> list[str]:
     """PTX: a lane's activations of a step, 64 bytes of token g (+ 8) a token group: x[16 n ... 16 n + 15] from xa[n]."""
     return [f"{pred}ld.global.nc.v4.u32 {{{', '.join(x[16 * n + 4 * v : 16 * n + 4 * v + 4])}}}, [{xa[n]}+{16 * v}];"
-            for n in range(T) for v in range(4)]  # fmt: skip
+            for n in range(TN) for v in range(4)]  # fmt: skip
 
 
-def _mma_sync_step_ptx(T: int, px: bool = False) -> str:
-    """One 128-column step of a warp's T x T tiles. Operands: (out) the 4 T^2 accumulators, the next step's 8 T words
-    and 2 T scale pairs; (in) the accumulators, this step's words (block r: rows g 8r..8r+3, g + 8 8r+4..8r+7) and
-    scale pairs (two bytes: blocks 2t, 2t + 1), the next step's addresses (words, scales), this step's activation
-    addresses of tokens g (+ 8), the byte stride between the blocks' words, the steps left after this one and the
-    element index. Accumulators of block r and token group n: 4 (r T + n) ... + 3."""
+def _mma_sync_step_ptx(TR: int, TN: int, px: bool = False) -> str:
+    """One 128-column step of a warp's TR x TN tiles (TR blocks of 16 weight rows, TN groups of 8 tokens). Operands:
+    (out) the 4 TR TN accumulators, the next step's 8 TR words and 2 TR scale pairs (px: and 16 TN activation words);
+    (in) the accumulators, this step's words (block r: rows g 8r..8r+3, g + 8 8r+4..8r+7) and scale pairs (two bytes:
+    blocks 2t, 2t + 1) (px: and activations), the next step's addresses (words, scales), the activation addresses of
+    tokens g (+ 8) (px: the next step's, else this step's), the byte stride between the blocks' words, the steps left
+    after this one and the element index. Accumulators of block r and token group n: 4 (r TN + n) ... + 3."""
     ops = iter(f"${i}" for i in range(1000))
     take = lambda n: [next(ops) for _ in range(n)]  # noqa: E731
-    n_c = 4 * T * T
-    c, nw, ns, nx = take(n_c), take(8 * T), take(2 * T), take(16 * T if px else 0)
-    c_in, w, s, x = take(n_c), take(8 * T), take(2 * T), take(16 * T if px else 0)
-    (wa, sa), xa, (tw, left, elem) = take(2), take(T), take(3)
-    out = ["{", _REGS, f".reg .b32 q<{32 * T}>, x<{16 * T}>, b<{2 * T}>, ss<{4 * T}>, tx;", ".reg .pred pn, bad;",
-           f"setp.gt.s32 pn, {left}, 0;", _mma_sync_loads_ptx(T, nw, ns, wa, sa, tw, "@pn ")]
+    n_c, n_x = 4 * TR * TN, 16 * TN if px else 0
+    c, nw, ns, nx = take(n_c), take(8 * TR), take(2 * TR), take(n_x)
+    c_in, w, s, x = take(n_c), take(8 * TR), take(2 * TR), take(n_x)
+    (wa, sa), xa, (tw, left, elem) = take(2), take(TN), take(3)
+    out = ["{", _REGS, f".reg .b32 q<{32 * TR}>, x<{16 * TN}>, b<{2 * TN}>, ss<{4 * TR}>, tx;", ".reg .pred pn, bad;",
+           f"setp.gt.s32 pn, {left}, 0;", _mma_sync_loads_ptx(TR, nw, ns, wa, sa, tw, "@pn ")]
     if px:  # the next step's activations, a step ahead like the weights
-        out += _x_loads_ptx(T, nx, xa, "@pn ")
+        out += _x_loads_ptx(TN, nx, xa, "@pn ")
     else:
-        x = [f"x{i}" for i in range(16 * T)]
-        out += _x_loads_ptx(T, x, xa)
-    for r in range(T):
+        x = [f"x{i}" for i in range(16 * TN)]
+        out += _x_loads_ptx(TN, x, xa)
+    for r in range(TR):
         for h in range(2):  # rows g, g + 8: ss<4r + 2h>, ss<4r + 2h + 1> are their two blocks' scales
             sr = s[2 * r + h]
             out.append(_scale_ptx(sr, f"ss{4 * r + 2 * h}") + f"shr.b32 t, {sr}, 8; " + _scale_ptx("t", f"ss{4 * r + 2 * h + 1}"))
@@ -367,14 +372,14 @@ def _mma_sync_step_ptx(T: int, px: bool = False) -> str:
                     for k in range(4)]  # fmt: skip
     for k in range(4):  # word k of the lane's four
         for h in range(2):  # pairs (2h, 2h + 4) and (2h + 1, 2h + 5): activation words 4k + h and 4k + h + 2
-            for n in range(T):
+            for n in range(TN):
                 x0, x2 = x[16 * n + 4 * k + h], x[16 * n + 4 * k + h + 2]
                 out.append(f"prmt.b32 b{2 * n}, {x0}, {x2}, 0x5410; prmt.b32 b{2 * n + 1}, {x0}, {x2}, 0x7632;")
-            for r in range(T):
+            for r in range(TR):
                 q = [f"q{32 * r + 4 * k + 2 * h}", f"q{32 * r + 16 + 4 * k + 2 * h}", f"q{32 * r + 4 * k + 2 * h + 1}", f"q{32 * r + 16 + 4 * k + 2 * h + 1}"]
-                for n in range(T):
-                    acc = c[4 * (r * T + n) : 4 * (r * T + n) + 4]
-                    acc_in = c_in[4 * (r * T + n) : 4 * (r * T + n) + 4] if k == h == 0 else acc
+                for n in range(TN):
+                    acc = c[4 * (r * TN + n) : 4 * (r * TN + n) + 4]
+                    acc_in = c_in[4 * (r * TN + n) : 4 * (r * TN + n) + 4] if k == h == 0 else acc
                     out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{', '.join(acc)}}}, {{{', '.join(q)}}}, "
                                f"{{b{2 * n}, b{2 * n + 1}}}, {{{', '.join(acc_in)}}};")  # fmt: skip
     out.append(f"mov.u32 tx, %tid.x; setp.ne.u32 bad, tx, {elem};")
@@ -382,18 +387,20 @@ def _mma_sync_step_ptx(T: int, px: bool = False) -> str:
     return "\n".join(out + ["}"])
 
 
-def _mma_sync_load_ptx(T: int, px: bool = False) -> str:
-    """PTX: the first step's words and scales (operands as in the step: out words, scales (, activations); in
-    addresses, stride (, activation addresses))."""
-    nx = 16 * T if px else 0
-    regs = [f"${i}" for i in range(10 * T + nx + 3 + (T if px else 0))]
-    out = _mma_sync_loads_ptx(T, regs[: 8 * T], regs[8 * T : 10 * T], *regs[10 * T + nx : 10 * T + nx + 3])
+def _mma_sync_load_ptx(TR: int, TN: int, px: bool = False) -> str:
+    """PTX: the first step's words and scales (operands as in the step: out words, scales (px: activations); in
+    addresses, stride (px: activation addresses))."""
+    nx = 16 * TN if px else 0
+    regs = [f"${i}" for i in range(10 * TR + nx + 3 + (TN if px else 0))]
+    out = _mma_sync_loads_ptx(TR, regs[: 8 * TR], regs[8 * TR : 10 * TR], *regs[10 * TR + nx : 10 * TR + nx + 3])
     if px:
-        out = "{\n" + out + "\n" + "\n".join(_x_loads_ptx(T, regs[10 * T : 10 * T + nx], regs[10 * T + nx + 3 :])) + "\n}"
+        out = "{\n" + out + "\n" + "\n".join(_x_loads_ptx(TN, regs[10 * TR : 10 * TR + nx], regs[10 * TR + nx + 3 :])) + "\n}"
     return out
 
 
-_MMA_SYNC_PTX = {(T, px): (_mma_sync_step_ptx(T, px), _mma_sync_load_ptx(T, px)) for T in (1, 2) for px in (False, True)}
+# (TR, TN, activations ahead) -> the step's and the first load's PTX
+_MMA_SYNC_PTX = {(tr, tn, px): (_mma_sync_step_ptx(tr, tn, px), _mma_sync_load_ptx(tr, tn, px))
+                 for tr in (1, 2) for tn in (1, 2) for px in (False, True)}  # fmt: skip
 
 
 @triton.jit
@@ -402,17 +409,18 @@ def _i64(p):
 
 
 @triton.jit
-def _mma_sync_step(c, w, wp, sp, xp, d, left, elem, tw, T: tl.constexpr, STEP: tl.constexpr, PX: tl.constexpr = False):
+def _mma_sync_step(c, w, wp, sp, xp, d, left, elem, tw, TR: tl.constexpr, TN: tl.constexpr, STEP: tl.constexpr,
+                   PX: tl.constexpr = False):  # fmt: skip
     """The step at column offset d (relative to the split's start): accumulators c and this step's words w (tuples;
-    PX: its activations too) -> the accumulators and the next step's words (T blocks on: 256 T words and 128 T scale
+    PX: its activations too) -> the accumulators and the next step's words (TR blocks on: 256 TR words and 128 TR scale
     bytes; PX: and activations)."""
     e = d + 128
-    n_c: tl.constexpr = 4 * T * T
-    n_w: tl.constexpr = 26 * T if PX else 10 * T
+    n_c: tl.constexpr = 4 * TR * TN
+    n_w: tl.constexpr = 10 * TR + 16 * TN if PX else 10 * TR
     xd = e if PX else d  # PX: the next step's activations are loaded, else this step's
-    xa = (_i64(xp[0] + xd),) if T == 1 else (_i64(xp[0] + xd), _i64(xp[1] + xd))
+    xa = (_i64(xp[0] + xd),) if TN == 1 else (_i64(xp[0] + xd), _i64(xp[1] + xd))
     r = tl.inline_asm_elementwise(
-        STEP, "=&r," * (n_c + n_w) + "r," * (n_c + n_w) + "l," * (2 + T) + "r,r,r",
+        STEP, "=&r," * (n_c + n_w) + "r," * (n_c + n_w) + "l," * (2 + TN) + "r,r,r",
         c + w + (_i64(wp + 2 * e), _i64(sp + e)) + xa + (tw, left, elem),
         dtype=(tl.float32,) * n_c + (tl.int32,) * n_w, is_pure=False, pack=1)  # fmt: skip
     return r[:n_c], r[n_c:]
@@ -433,11 +441,11 @@ def _mma_sync_store(ptr, f, row, tok, M, N, stride, alpha):
 @triton.jit
 def _nvfp4_mma_sync_kernel(
     a_ptr, w_ptr, sf_ptr, out_ptr, part_ptr, count_ptr, scalars_ptr, M, N, K, K_PER_SPLIT, stride_am, stride_om, SPLIT,
-    ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, W: tl.constexpr, T: tl.constexpr, STEP: tl.constexpr, LOAD: tl.constexpr,
-    KW: tl.constexpr = 1, PX: tl.constexpr = False, ODD: tl.constexpr = False,
+    ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, W: tl.constexpr, TR: tl.constexpr, TN: tl.constexpr, STEP: tl.constexpr,
+    LOAD: tl.constexpr, KW: tl.constexpr = 1, PX: tl.constexpr = False, ODD: tl.constexpr = False,
 ):  # fmt: skip
-    """out[M, N] = alpha * a[M, K] @ W.T for M <= 8 T, W blocked, N a multiple of 16 T, K_PER_SPLIT of 256 KW (ODD: of
-    128 KW, a warp's range may be an odd number of steps): W warps, W / KW groups of 16 T weight rows, through mma.sync
+    """out[M, N] = alpha * a[M, K] @ W.T for M <= 8 TN, W blocked, N a multiple of 16 TR, K_PER_SPLIT of 256 KW (ODD: of
+    128 KW, a warp's range may be an odd number of steps): W warps, W / KW groups of 16 TR weight rows, through mma.sync
     (see above). KW > 1: the KW warps of a group each take an equal part of the program's K range, their sums added
     in shared memory at the end (no global parts, no second pass); then every K range must be full. PX: each step
     loads the next step's activations too (more registers, no wait on them). Under the interpreter the same tiles
@@ -448,53 +456,53 @@ def _nvfp4_mma_sync_kernel(
     ke = tl.minimum(ks + K_PER_SPLIT, K)
     alpha = tl.load(scalars_ptr + ALPHA_IDX) * 256.0
     G: tl.constexpr = W // KW  # row groups
-    R: tl.constexpr = 16 * T * G  # rows a program
+    R: tl.constexpr = 16 * TR * G  # rows a program
     rn = pid_n * R + tl.arange(0, R)
-    rm = tl.arange(0, 8 * T)
+    rm = tl.arange(0, 8 * TN)
     if ASM:
         elem = tl.arange(0, 32 * W)  # the thread this element must be on
         g = elem % 32 // 4
         t = elem % 4
-        row = pid_n * R + elem // 32 // KW * (16 * T) + g
+        row = pid_n * R + elem // 32 // KW * (16 * TR) + g
         span = (ke - ks) // KW  # each warp's columns
         kw = ks + elem // 32 % KW * span  # and where they start
-        block = tl.minimum(row // 16, N // 16 - T).to(tl.int64) * (K // 128) + kw // 128  # the warp's first block
+        block = tl.minimum(row // 16, N // 16 - TR).to(tl.int64) * (K // 128) + kw // 128  # the warp's first block
         wp = w_ptr + block * 256 + elem % 32 * 4  # row g: word 16 g + 4 t of the block
         sp = sf_ptr.to(tl.pointer_type(tl.uint8)) + block * 128 + elem % 32 * 2
         tw = K // 128 * 1024  # bytes from a block's words to the next 16 rows' (their scales: an eighth of that)
         x0 = a_ptr + tl.minimum(g, M - 1).to(tl.int64) * stride_am + kw + 32 * t
-        xp = (x0,) if T == 1 else (x0, a_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * stride_am + kw + 32 * t)
+        xp = (x0,) if TN == 1 else (x0, a_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * stride_am + kw + 32 * t)
         if PX:
-            w = tl.inline_asm_elementwise(LOAD, "=&r," * (26 * T) + "l,l,r" + ",l" * T, [_i64(wp), _i64(sp), tw] + [_i64(p) for p in xp],
-                                          dtype=(tl.int32,) * (26 * T), is_pure=False, pack=1)  # fmt: skip
+            w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * TR + 16 * TN) + "l,l,r" + ",l" * TN, [_i64(wp), _i64(sp), tw] + [_i64(p) for p in xp],
+                                          dtype=(tl.int32,) * (10 * TR + 16 * TN), is_pure=False, pack=1)  # fmt: skip
         else:
-            w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * T) + "l,l,r", [_i64(wp), _i64(sp), tw],
-                                          dtype=(tl.int32,) * (10 * T), is_pure=False, pack=1)  # fmt: skip
-        c = (tl.zeros((32 * W,), dtype=tl.float32),) * (4 * T * T)
+            w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * TR) + "l,l,r", [_i64(wp), _i64(sp), tw],
+                                          dtype=(tl.int32,) * (10 * TR), is_pure=False, pack=1)  # fmt: skip
+        c = (tl.zeros((32 * W,), dtype=tl.float32),) * (4 * TR * TN)
         for d in range(0, span, 256):  # two steps a turn: two register sets, so a load is first used a step later
-            c, v = _mma_sync_step(c, w, wp, sp, xp, d, (span - d) // 128 - 1, elem, tw, T, STEP, PX)
+            c, v = _mma_sync_step(c, w, wp, sp, xp, d, (span - d) // 128 - 1, elem, tw, TR, TN, STEP, PX)
             if ODD:  # an odd number of steps: the last turn has one
                 if d + 128 < span:
-                    c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, T, STEP, PX)
+                    c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, TN, STEP, PX)
             else:
-                c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, T, STEP, PX)
+                c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, TN, STEP, PX)
         if KW > 1:  # the group's warps' sums, added in shared memory
             summed = ()
-            for i in tl.static_range(4 * T * T):
+            for i in tl.static_range(4 * TR * TN):
                 summed = summed + (tl.reshape(tl.sum(tl.reshape(c[i], (G, KW, 32)), axis=1), (32 * G,)),)
             c = summed
             lane = tl.arange(0, 32 * G)
-            row = pid_n * R + lane // 32 * (16 * T) + lane % 32 // 4
+            row = pid_n * R + lane // 32 * (16 * TR) + lane % 32 // 4
             t = lane % 4
-        for r in tl.static_range(T):  # block r's rows, token group n: accumulators 4 (r T + n) ... + 3
-            for n in tl.static_range(T):
-                f = c[4 * (r * T + n)], c[4 * (r * T + n) + 1], c[4 * (r * T + n) + 2], c[4 * (r * T + n) + 3]
+        for r in tl.static_range(TR):  # block r's rows, token group n: accumulators 4 (r TN + n) ... + 3
+            for n in tl.static_range(TN):
+                f = c[4 * (r * TN + n)], c[4 * (r * TN + n) + 1], c[4 * (r * TN + n) + 2], c[4 * (r * TN + n) + 3]
                 if SPLIT == 1:
                     _mma_sync_store(out_ptr, f, row + 16 * r, 8 * n + 2 * t, M, N, stride_om, alpha)
                 else:
                     _mma_sync_store(part_ptr + pid_k * M * N, f, row + 16 * r, 8 * n + 2 * t, M, N, N, 1.0)
     else:
-        acc = tl.zeros((R, 8 * T), dtype=tl.float32)
+        acc = tl.zeros((R, 8 * TN), dtype=tl.float32)
         for k0 in range(ks, ke, 128):
             wt = _nvfp4_tile(w_ptr, sf_ptr, rn, rn < N, k0, K, False, R, 128, BLOCKED=True)
             a = tl.load(a_ptr + rm[:, None] * stride_am + k0 + tl.arange(0, 128)[None, :], mask=rm[:, None] < M, other=0.0)
@@ -590,8 +598,9 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 class Tiling(NamedTuple):
     """Which GEMV kernel runs a decode-sized product, and its tiling. `kernel`: "fma" (one row: fp32 FMAs),
-    "mma.sync" (up to 16 rows of a blocked weight: BM = 8 T tokens, BN = 16 T x warps rows, BK 256 = two 128-column
-    steps a turn, or 128 where a warp's range may be an odd number of steps; stages unused) or "dot" (Triton's MMA: BM tokens, a cp.async pipeline of `stages`)."""
+    "mma.sync" (up to 16 rows of a blocked weight, TR x TN tiles a warp: BM = 8 TN tokens, BN = 16 TR x warps / kwarps
+    rows, BK 256 = two 128-column steps a turn, or 128 where a warp's range may be an odd number of steps; stages
+    unused) or "dot" (Triton's MMA: BM tokens, a cp.async pipeline of `stages`)."""
 
     kernel: str
     bm: int
@@ -607,11 +616,12 @@ class Tiling(NamedTuple):
 def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
     """The GEMV kernel and tiling for [m, k] @ [n, k].T, from sweeps on an H100 and H200 (BENCHMARKS.md)."""
     mma_sync = blocked and k % 256 == 0 and (m <= 8 or (m <= 16 and n % 32 == 0 and k >= 2048))
-    shared = _shared_k(m, n, k) if mma_sync else None
+    shared = _shared_k(m, n, k) if blocked and k % 256 == 0 and m <= 16 else None
     if interpreting():
         if shared or (m >= 2 and mma_sync):
-            t = 1 if m <= 8 else 2
-            return Tiling("mma.sync", 8 * t, 16 * t, 256, 1, (2 if k >= 512 else 1))
+            tn = 1 if m <= 8 else 2
+            tr = shared.bn * shared.kwarps // (16 * shared.warps) if shared else tn
+            return Tiling("mma.sync", 8 * tn, 16 * tr, 256, 1, (2 if k >= 512 else 1))
         return Tiling("fma" if m == 1 else "dot", (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1))
     if shared:
         return shared
@@ -639,29 +649,33 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
 
 
 def _shared_k(m: int, n: int, k: int) -> Tiling | None:
-    """The mma.sync tiling with one row group a program (16 T rows) and its K range shared by all its warps (summed in
-    shared memory, no second pass), where that gives enough warps; else None. 1-8 rows: warps doubled until there
-    are 2048, or a warp's range would fall under four 128-column steps (at most 16 warps); activations loaded a step
-    ahead where every program is resident at once (2048 warps or fewer). One row too, where K has 2048 columns or
-    more: there it beats the one-row kernel although 7 of its 8 token columns are padding. 9-16 rows (2 x 2 tiles):
-    4 warps, where that makes 1024. Each warp's range must be whole 128-column steps. From H100 sweeps
-    (BENCHMARKS.md, twelfth and thirteenth sessions)."""
+    """The mma.sync tiling with one row group a program and its K range shared by all its warps (summed in shared
+    memory, no second pass), where that gives enough warps; else None. From H100 sweeps (BENCHMARKS.md, twelfth and
+    thirteenth sessions):
+    - 9-16 rows, 2 x 2 tiles (32 rows a program), 4 warps, where that makes 1024 warps;
+    - else 1-8 rows (1 x 1 tiles), and 9-16 rows of matrices under 2^24 weights (1 x 2 tiles: half the rows of a
+      warp's, twice its activation reads, twice the warps): 16 rows a program, warps doubled until there are 2048
+      or a warp's range would fall under four 128-column steps (at most 16 warps);
+    - one row too, where K has 2048 columns or more: it beats the one-row kernel there although 7 of its 8 token
+      columns are padding.
+    Activations are loaded a step ahead for 1 x 1 tiles where every program is resident at once (2048 warps or
+    fewer), and for 1 x 2 tiles with at most 2 warps a program. A warp's range must be whole 128-column steps."""
     if m == 1 and k < 2048:
         return None
-    t = 1 if m <= 8 else 2
-    programs = triton.cdiv(n, 16 * t)
-    if t == 1:
-        warps = 1
+    if m > 8 and n % 32 == 0 and triton.cdiv(n, 32) * 4 >= 1024:
+        tr, warps, ahead = 2, 4, False
+    elif m > 8 and n * k >= 1 << 24:
+        return None
+    else:
+        programs, tr, warps = triton.cdiv(n, 16), 1, 1
         while warps < 16 and programs * warps < 2048 and k // (2 * warps) >= 512:
             warps *= 2
-    else:
-        warps = 4
-        if programs * warps < 1024:
-            return None
+        ahead = programs * warps <= 2048 if m <= 8 else warps <= 2
     if k % (128 * warps):
         return None
     bk = 256 if k % (256 * warps) == 0 else 128
-    return Tiling("mma.sync", 8 * t, 16 * t, bk, warps, 1, 1, warps, t == 1 and programs * warps <= 2048)
+    tn = 1 if m <= 8 else 2
+    return Tiling("mma.sync", 8 * tn, 16 * tr, bk, warps, 1, 1, warps, ahead)
 
 
 def _fit(bk: int, k: int) -> int:
@@ -713,10 +727,11 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
         raise ValueError(f"the GEMV kernel reads whole {bk}-column tiles; K = {K} is not a multiple")
     if kernel == "fma" and M != 1:
         raise ValueError(f"the one-row GEMV got {M} rows")
-    if kernel == "mma.sync" and (bm not in (8, 16) or M > bm or not w.blocked or N % (2 * bm) or bk not in (128, 256)
-                                 or warps % kw or bn != 2 * bm * warps // kw):  # fmt: skip
-        raise ValueError(f"the mma.sync kernel takes up to BM = 8 or 16 rows, a blocked weight, N a multiple of 2 BM, "
-                         f"BK 128 or 256 and BN 2 BM x warps / kwarps; got M = {M}, N = {N}, blocked = {w.blocked}, {config}")  # fmt: skip
+    tr = bn * kw // (16 * warps)  # mma.sync: blocks of 16 weight rows a warp
+    if kernel == "mma.sync" and (bm not in (8, 16) or M > bm or not w.blocked or bk not in (128, 256) or warps % kw
+                                 or tr not in (1, 2) or bn * kw != 16 * tr * warps or N % (16 * tr)):  # fmt: skip
+        raise ValueError(f"the mma.sync kernel takes up to BM = 8 or 16 rows, a blocked weight, BK 128 or 256 and BN "
+                         f"16 or 32 x warps / kwarps, N a multiple of 16 or 32 (BN's); got M = {M}, N = {N}, blocked = {w.blocked}, {config}")  # fmt: skip
     per_split = triton.cdiv(triton.cdiv(K, split), bk * kw) * bk * kw
     if K % per_split and kw > 1:
         raise ValueError(f"with {kw} warps on a K range every range must be full: K = {K}, {split} splits, {config}")
@@ -728,9 +743,9 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     args = (a, w.weight.view(torch.int32), w.weight_scale.view(torch.int32), out, parts, counters, w.scalars,
             M, N, K, per_split, a.stride(0), out.stride(0), split)  # fmt: skip
     if kernel == "mma.sync":
-        step, load = _MMA_SYNC_PTX[bm // 8, ahead]
-        _nvfp4_mma_sync_kernel[grid[::2]](*args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, T=bm // 8, STEP=step, LOAD=load,
-                                          KW=kw, PX=ahead, ODD=bk == 128, num_warps=warps, num_stages=1)  # fmt: skip
+        step, load = _MMA_SYNC_PTX[tr, bm // 8, ahead]
+        _nvfp4_mma_sync_kernel[grid[::2]](*args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, TR=tr, TN=bm // 8, STEP=step,
+                                          LOAD=load, KW=kw, PX=ahead, ODD=bk == 128, num_warps=warps, num_stages=1)  # fmt: skip
     else:
         _nvfp4_gemv_kernel[grid](*args, ALPHA_IDX=idx, ASM=not interpreting(), EVEN_N=N % bn == 0, BM=bm, BN=bn, BK=bk,
                                  FMA=kernel == "fma", STAGES=stages, BLOCKED=w.blocked, num_warps=warps, num_stages=stages)  # fmt: skip

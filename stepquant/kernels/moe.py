@@ -199,30 +199,6 @@ def _moe_row_gate_up_kernel(
 
 
 @triton.jit
-def _moe_row_down_kernel(
-    h_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, topk_ids_ptr, topk_w_ptr, N, K, TOPK, ALPHA_IDX,
-    ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    """Decode, one program per token and BN output columns: the down projections of the token's TOPK
-    pairs, each times alpha and its routing weight, summed in a fixed order (the combine, in one loop
-    over pairs x K tiles, so the pipeline runs across experts)."""
-    t = tl.program_id(0)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
-    nmask = rn < N
-    KT = K // BK
-    total = tl.zeros((BN, BK // 8), dtype=tl.float32)
-    for it in tl.range(0, TOPK * KT, num_stages=STAGES):
-        pair = t * TOPK + it // KT
-        k0 = (it % KT) * BK
-        e64 = tl.load(topk_ids_ptr + pair).to(tl.int64)
-        coef = tl.load(scalars_ptr + e64 * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair)
-        words, sw = _load_words(w_ptr + e64 * N * (K // 8), sf_ptr + e64 * N * (K // 64), rn, nmask, k0, K, BK)
-        x = _x_pairs(h_ptr + pair * K, k0, BK)
-        total += _word_dots(tl.zeros((BN, BK // 8), dtype=tl.float32), words, _scale_bytes(sw, BN, BK), x, ASM) * coef
-    tl.store(out_ptr + t * N + rn, tl.sum(total, 1).to(out_ptr.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
 def _moe_gemm_kernel(
     a_ptr, w_ptr, scalars_ptr, out_ptr, ids_ptr, block_expert_ptr, topk_w_ptr,
     N, K, stride_a, TOPK, limit,
@@ -330,6 +306,37 @@ def _modes(experts: Experts, mode: str) -> int:
     return {"w4a16": 0, "w4a4": 1, "w8a8": 2, "bf16": 0}[mode]
 
 
+@triton.jit
+def _moe_row_down_kernel(
+    h_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, topk_ids_ptr, topk_w_ptr, N, K, TOPK, ALPHA_IDX,
+    ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, P: tl.constexpr,
+):  # fmt: skip
+    """Decode, one program per token and BN output columns: the down projections of all the token's TOPK pairs at
+    once ([P, BN, BK/8] word tiles, P = TOPK rounded up to a power of two), each pair's sum times alpha and its
+    routing weight, added over the pairs in a fixed order."""
+    t = tl.program_id(0)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = rn < N
+    pj = tl.arange(0, P)
+    pvalid = pj < TOPK
+    pair = t * TOPK + tl.minimum(pj, TOPK - 1)
+    e64 = tl.load(topk_ids_ptr + pair).to(tl.int64)
+    coef = tl.where(pvalid, tl.load(scalars_ptr + e64 * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair), 0.0)
+    wrow = ((e64 * N)[:, None] + rn[None, :])[:, :, None]  # [P, BN, 1]: the rows of the stacked experts
+    mask = (pvalid[:, None] & nmask[None, :])[:, :, None]
+    xrow = h_ptr.to(tl.pointer_type(tl.int32)) + (pair * (K // 2))[:, None]
+    total = tl.zeros((P, BN, BK // 8), dtype=tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        words = tl.load(w_ptr + wrow * (K // 8) + (k0 // 8 + tl.arange(0, BK // 8))[None, None, :], mask=mask, other=0)
+        sw = tl.load(sf_ptr + wrow * (K // 64) + (k0 // 64 + tl.arange(0, BK // 64))[None, None, :], mask=mask, other=0)
+        x = tl.load(xrow + k0 // 2 + tl.arange(0, BK // 2)[None, :])
+        sfb = tl.reshape((sw[:, :, :, None] >> (tl.arange(0, 4) * 8)[None, None, None, :]) & 0xFF, (P, BN, BK // 16))
+        sfb = tl.reshape(tl.broadcast_to(sfb[:, :, :, None], (P, BN, BK // 16, 2)), (P, BN, BK // 8))
+        total = _word_dots(total, words, sfb, x, ASM, ROWS3=True)
+    y = tl.sum(tl.sum(total, 2) * coef[:, None], 0)
+    tl.store(out_ptr + t * N + rn, y.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: Experts,
               down: Experts, mode: str, limit: float | None = None, config: tuple[int, ...] | None = None,
               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
@@ -372,11 +379,13 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         )  # fmt: skip
         if aq2 and not h_blocks:
             h = nvfp4_fake_quantize(h, down.scalars[0, 1:])
-        bn = cfg[5] if len(cfg) > 5 else _down_bn(T, H, bn)
+        dbn, dbk, dwarps, dstages = _down_blocks(T)
+        dbn = cfg[5] if len(cfg) > 5 else dbn
         out = torch.empty(T, H, dtype=out_dtype, device=x.device)
-        _moe_row_down_kernel[(T, triton.cdiv(H, bn))](
+        _moe_row_down_kernel[(T, triton.cdiv(H, dbn))](
             h, down.weight.view(torch.int32), down.weight_scale.view(torch.int32), down.scalars, out, flat_ids, weights,
-            H, inter, topk, aq2, BN=bn, BK=_fit(bk, inter), **common,
+            H, inter, topk, aq2, ASM=not interpreting(), BN=dbn, BK=_fit(dbk, inter), STAGES=dstages,
+            P=triton.next_power_of_2(topk), num_warps=dwarps,
         )  # fmt: skip
         return out
     ids, block_expert = route(topk_ids, E, bm)
@@ -412,11 +421,12 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     return y.view(T, topk, H).sum(1).to(out_dtype)
 
 
-def _down_bn(tokens: int, hidden: int, bn: int) -> int:
-    """The one-row down kernel's BN: halved from gate_up's until the few tokens make enough programs."""
-    while tokens * triton.cdiv(hidden, bn) < MOE_DOWN_PROGRAMS and bn > 8:
-        bn //= 2
-    return bn
+def _down_blocks(tokens: int) -> tuple[int, int, int, int]:
+    """(BN, BK, warps, stages) of the one-row down kernel, which reads all of a token's pairs at once: 16 columns and
+    8 warps a program for 1-2 tokens, 8 columns and 4 warps beyond (H100 sweep, BENCHMARKS.md, thirteenth session)."""
+    if interpreting():
+        return 16, 64, 4, 1
+    return (16, 128, 8, 3) if tokens <= 2 else (8, 128, 4, 2)
 
 
 def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int, int]:
@@ -435,7 +445,6 @@ def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int, int]:
 
 
 MOE_ROW_MAX_PAIRS = 128  # 16 tokens at top-8
-MOE_DOWN_PROGRAMS = 256  # the one-row down kernel's BN shrinks (to 8) until it has this many programs
 
 
 # -- plain-torch reference --------------------------------------------------------------------------

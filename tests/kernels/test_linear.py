@@ -102,15 +102,18 @@ def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
     p["weight_scale"][95, -1] = torch.tensor(448.0).to(torch.float8_e4m3fn)  # the largest, in the last block
     ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode=mode)
     w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc)
-    assert _gemv_blocks(m, 96, 512).kernel == ("fma" if m == 1 else "mma.sync" if m <= 8 else "dot")  # 2 x 2 from K 2048
+    assert _gemv_blocks(m, 96, 512).kernel == ("fma" if m == 1 else "mma.sync")  # 9-16 rows of a small matrix: 1 x 2 tiles
     if device == "cuda":  # the interpreter's rules mirror these at small tiles
         assert _gemv_blocks(1, 8192, 4096) == Tiling("mma.sync", 8, 16, 256, 4, 1, 1, kwarps=4, ahead=True)  # K shared by 4 warps
         assert _gemv_blocks(8, 4096, 11264) == Tiling("mma.sync", 8, 16, 128, 8, 1, 1, kwarps=8, ahead=True)  # 11 steps a warp
         assert _gemv_blocks(1, 11264, 4096).ahead is False  # 2816 warps: not all resident with the extra registers
         assert _gemv_blocks(1, 4096, 1280).kernel == "fma"
+        assert _gemv_blocks(16, 8192, 4096) == Tiling("mma.sync", 16, 32, 256, 4, 1, 1, 4)  # 2 x 2 tiles
+        assert _gemv_blocks(16, 1280, 4096) == Tiling("mma.sync", 16, 16, 256, 8, 1, 1, 8)  # 1 x 2 tiles
     configs = [None] + [Tiling("mma.sync", 16, 32 * wp, 256, wp, sp) for wp, sp in ((1, 1), (2, 2), (4, 1))]
     configs += [Tiling("mma.sync", 16, 32, 256, 2, 1, kwarps=2), Tiling("mma.sync", 16, 64, 256, 4, 1, kwarps=2)]
     configs += [Tiling("mma.sync", 16, 32, 128, 4, 1, 1, 4, ahead=True), Tiling("mma.sync", 16, 32, 256, 2, 1, 1, 2, ahead=True)]
+    configs += [Tiling("mma.sync", 16, 16, 256, 1, 2), Tiling("mma.sync", 16, 16, 128, 4, 1, 1, 4, ahead=True)]  # 1 x 2 tiles
     if m <= 8:
         configs += [Tiling("mma.sync", 8, 16 * wp, 256, wp, sp) for wp, sp in ((1, 1), (2, 2), (4, 1))]
         configs += [Tiling("mma.sync", 8, 32, 256, 4, 1, kwarps=2), Tiling("mma.sync", 8, 16, 128, 4, 1, 1, 4, ahead=True)]
@@ -163,11 +166,11 @@ def test_blocked_weights_give_the_plain_layouts_results(device, mode):
     assert torch.equal(blocked.weight_scale.reshape(-1)[sblock : sblock + 4].cpu(), p["weight_scale"].view(torch.uint8)[27, 12:16].cpu())
     assert torch.equal(nvfp4_dequantize(blocked), nvfp4_dequantize(plain))
     g = torch.Generator().manual_seed(1)
-    for m in (1, 3, 12, 70):
+    for m in (1, 3, 12, 40, 70):
         x = (torch.randn(m, 512, generator=g) * 1.5).to(torch.bfloat16).to(device)
         ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode=mode)
         assert _gemv_blocks(m, 32, 512, blocked=False).kernel != "mma.sync"
-        assert (_gemv_blocks(m, 32, 512).kernel == "mma.sync") == (m == 3)
+        assert _gemv_blocks(m, 32, 512).kernel == ("fma" if m == 1 else "mma.sync" if m <= 16 else "dot")
         for w in (blocked, plain):
             assert _rel(nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32), ref) < 1e-5, (m, w.blocked)
     with pytest.raises(ValueError, match="a blocked weight"):
