@@ -199,6 +199,37 @@ def _moe_row_gate_up_kernel(
 
 
 @triton.jit
+def _moe_row_down_kernel(
+    h_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, topk_ids_ptr, topk_w_ptr, N, K, TOPK, ALPHA_IDX,
+    ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, P: tl.constexpr,
+):  # fmt: skip
+    """Decode, one program per token and BN output columns: the down projections of all the token's TOPK pairs at
+    once ([P, BN, BK/8] word tiles, P = TOPK rounded up to a power of two), each pair's sum times alpha and its
+    routing weight, added over the pairs in a fixed order."""
+    t = tl.program_id(0)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = rn < N
+    pj = tl.arange(0, P)
+    pvalid = pj < TOPK
+    pair = t * TOPK + tl.minimum(pj, TOPK - 1)
+    e64 = tl.load(topk_ids_ptr + pair).to(tl.int64)
+    coef = tl.where(pvalid, tl.load(scalars_ptr + e64 * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair), 0.0)
+    wrow = ((e64 * N)[:, None] + rn[None, :])[:, :, None]  # [P, BN, 1]: the rows of the stacked experts
+    mask = (pvalid[:, None] & nmask[None, :])[:, :, None]
+    xrow = h_ptr.to(tl.pointer_type(tl.int32)) + (pair * (K // 2))[:, None]
+    total = tl.zeros((P, BN, BK // 8), dtype=tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        words = tl.load(w_ptr + wrow * (K // 8) + (k0 // 8 + tl.arange(0, BK // 8))[None, None, :], mask=mask, other=0)
+        sw = tl.load(sf_ptr + wrow * (K // 64) + (k0 // 64 + tl.arange(0, BK // 64))[None, None, :], mask=mask, other=0)
+        x = tl.load(xrow + k0 // 2 + tl.arange(0, BK // 2)[None, :])
+        sfb = tl.reshape((sw[:, :, :, None] >> (tl.arange(0, 4) * 8)[None, None, None, :]) & 0xFF, (P, BN, BK // 16))
+        sfb = tl.reshape(tl.broadcast_to(sfb[:, :, :, None], (P, BN, BK // 16, 2)), (P, BN, BK // 8))
+        total = _word_dots(total, words, sfb, x, ASM, ROWS3=True)
+    y = tl.sum(tl.sum(total, 2) * coef[:, None], 0)
+    tl.store(out_ptr + t * N + rn, y.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr, w_ptr, scalars_ptr, out_ptr, ids_ptr, block_expert_ptr, topk_w_ptr,
     N, K, stride_a, TOPK, limit,
@@ -304,37 +335,6 @@ def _modes(experts: Experts, mode: str) -> int:
     if mode not in allowed:
         raise ValueError(f"mode {mode!r} does not apply to {experts.fmt} experts (use one of {allowed})")
     return {"w4a16": 0, "w4a4": 1, "w8a8": 2, "bf16": 0}[mode]
-
-
-@triton.jit
-def _moe_row_down_kernel(
-    h_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, topk_ids_ptr, topk_w_ptr, N, K, TOPK, ALPHA_IDX,
-    ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, P: tl.constexpr,
-):  # fmt: skip
-    """Decode, one program per token and BN output columns: the down projections of all the token's TOPK pairs at
-    once ([P, BN, BK/8] word tiles, P = TOPK rounded up to a power of two), each pair's sum times alpha and its
-    routing weight, added over the pairs in a fixed order."""
-    t = tl.program_id(0)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
-    nmask = rn < N
-    pj = tl.arange(0, P)
-    pvalid = pj < TOPK
-    pair = t * TOPK + tl.minimum(pj, TOPK - 1)
-    e64 = tl.load(topk_ids_ptr + pair).to(tl.int64)
-    coef = tl.where(pvalid, tl.load(scalars_ptr + e64 * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair), 0.0)
-    wrow = ((e64 * N)[:, None] + rn[None, :])[:, :, None]  # [P, BN, 1]: the rows of the stacked experts
-    mask = (pvalid[:, None] & nmask[None, :])[:, :, None]
-    xrow = h_ptr.to(tl.pointer_type(tl.int32)) + (pair * (K // 2))[:, None]
-    total = tl.zeros((P, BN, BK // 8), dtype=tl.float32)
-    for k0 in tl.range(0, K, BK, num_stages=STAGES):
-        words = tl.load(w_ptr + wrow * (K // 8) + (k0 // 8 + tl.arange(0, BK // 8))[None, None, :], mask=mask, other=0)
-        sw = tl.load(sf_ptr + wrow * (K // 64) + (k0 // 64 + tl.arange(0, BK // 64))[None, None, :], mask=mask, other=0)
-        x = tl.load(xrow + k0 // 2 + tl.arange(0, BK // 2)[None, :])
-        sfb = tl.reshape((sw[:, :, :, None] >> (tl.arange(0, 4) * 8)[None, None, None, :]) & 0xFF, (P, BN, BK // 16))
-        sfb = tl.reshape(tl.broadcast_to(sfb[:, :, :, None], (P, BN, BK // 16, 2)), (P, BN, BK // 8))
-        total = _word_dots(total, words, sfb, x, ASM, ROWS3=True)
-    y = tl.sum(tl.sum(total, 2) * coef[:, None], 0)
-    tl.store(out_ptr + t * N + rn, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: Experts,
