@@ -196,11 +196,17 @@ def _load_words(w_ptr, sf_ptr, rows, rmask, k0, K, BK: tl.constexpr, BLOCKED: tl
 
 
 @triton.jit
-def _scale_bytes(sw, BN: tl.constexpr, BK: tl.constexpr):
-    """Scale words [BN, BK/64] -> each weight word's scale byte [BN, BK/8] (block j: byte j % 4)."""
+def _scale_bytes(sw, BN: tl.constexpr, BK: tl.constexpr, P: tl.constexpr = 0):
+    """Scale words [BN, BK/64] -> each weight word's scale byte [BN, BK/8] (block j: byte j % 4); with P, the same
+    for [P, BN, BK/64] -> [P, BN, BK/8]."""
     NB: tl.constexpr = BK // 16
-    sfb = tl.reshape((sw[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF, (BN, NB))
-    return tl.reshape(tl.broadcast_to(sfb[:, :, None], (BN, NB, 2)), (BN, 2 * NB))
+    if P:
+        sfb = tl.reshape((sw[:, :, :, None] >> (tl.arange(0, 4) * 8)[None, None, None, :]) & 0xFF, (P, BN, NB))
+        sfb = tl.reshape(tl.broadcast_to(sfb[:, :, :, None], (P, BN, NB, 2)), (P, BN, 2 * NB))
+    else:
+        sfb = tl.reshape((sw[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF, (BN, NB))
+        sfb = tl.reshape(tl.broadcast_to(sfb[:, :, None], (BN, NB, 2)), (BN, 2 * NB))
+    return sfb
 
 
 @triton.jit
@@ -609,8 +615,13 @@ class Tiling(NamedTuple):
     warps: int
     split: int  # K splits, added in one launch (deterministic)
     stages: int = 1
-    kwarps: int = 1  # "mma.sync": warps that share a program's K range (BN = 16 T x warps / kwarps rows)
+    kwarps: int = 1  # "mma.sync": warps that share a program's K range (BN = 16 TR x warps / kwarps rows)
     ahead: bool = False  # "mma.sync": activations loaded a step ahead, like the weights (more registers)
+
+    @property
+    def tr(self) -> int:
+        """"mma.sync": blocks of 16 weight rows a warp (TR; TN = BM / 8)."""
+        return self.bn * self.kwarps // (16 * self.warps)
 
 
 def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
@@ -620,7 +631,7 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
     if interpreting():
         if shared or (m >= 2 and mma_sync):
             tn = 1 if m <= 8 else 2
-            tr = shared.bn * shared.kwarps // (16 * shared.warps) if shared else tn
+            tr = shared.tr if shared else tn
             return Tiling("mma.sync", 8 * tn, 16 * tr, 256, 1, (2 if k >= 512 else 1))
         return Tiling("fma" if m == 1 else "dot", (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1))
     if shared:
@@ -722,12 +733,13 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     if config is None and (M > GEMV_MAX_M or K % 64):
         return _dequant_matmul(a, w, idx, out_dtype).reshape(*lead, N)
     a = _aligned(a)  # the GEMV kernels read int32 pairs and (mma.sync) 16-byte vectors of it
-    kernel, bm, bn, bk, warps, split, stages, kw, ahead = config or _gemv_blocks(M, N, K, w.blocked)
+    tiling = config or _gemv_blocks(M, N, K, w.blocked)
+    kernel, bm, bn, bk, warps, split, stages, kw, ahead = tiling
     if K % bk:
         raise ValueError(f"the GEMV kernel reads whole {bk}-column tiles; K = {K} is not a multiple")
     if kernel == "fma" and M != 1:
         raise ValueError(f"the one-row GEMV got {M} rows")
-    tr = bn * kw // (16 * warps)  # mma.sync: blocks of 16 weight rows a warp
+    tr = tiling.tr
     if kernel == "mma.sync" and (bm not in (8, 16) or M > bm or not w.blocked or bk not in (128, 256) or warps % kw
                                  or tr not in (1, 2) or bn * kw != 16 * tr * warps or N % (16 * tr)):  # fmt: skip
         raise ValueError(f"the mma.sync kernel takes up to BM = 8 or 16 rows, a blocked weight, BK 128 or 256 and BN "

@@ -222,9 +222,7 @@ def _moe_row_down_kernel(
         words = tl.load(w_ptr + wrow * (K // 8) + (k0 // 8 + tl.arange(0, BK // 8))[None, None, :], mask=mask, other=0)
         sw = tl.load(sf_ptr + wrow * (K // 64) + (k0 // 64 + tl.arange(0, BK // 64))[None, None, :], mask=mask, other=0)
         x = tl.load(xrow + k0 // 2 + tl.arange(0, BK // 2)[None, :])
-        sfb = tl.reshape((sw[:, :, :, None] >> (tl.arange(0, 4) * 8)[None, None, None, :]) & 0xFF, (P, BN, BK // 16))
-        sfb = tl.reshape(tl.broadcast_to(sfb[:, :, :, None], (P, BN, BK // 16, 2)), (P, BN, BK // 8))
-        total = _word_dots(total, words, sfb, x, ASM, ROWS3=True)
+        total = _word_dots(total, words, _scale_bytes(sw, BN, BK, P), x, ASM, ROWS3=True)
     y = tl.sum(tl.sum(total, 2) * coef[:, None], 0)
     tl.store(out_ptr + t * N + rn, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
