@@ -13,6 +13,8 @@ operands are cast to fp32 before `tl.dot` (the interpreter's BF16 dot is wrong).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -409,6 +411,29 @@ _MMA_SYNC_PTX = {(tr, tn, px): (_mma_sync_step_ptx(tr, tn, px), _mma_sync_load_p
                  for tr in (1, 2) for tn in (1, 2) for px in (False, True)}  # fmt: skip
 
 
+
+@functools.cache
+def _warp_sum_ptx(nc: int, warps: int, kw: int) -> str:
+    """PTX: a thread's nc accumulators summed over the kw warps of its row group (warps kw g ... kw g + kw - 1)
+    through a static shared buffer, one barrier (Triton's reduction of [32 W] tensors took four a value). The
+    buffer holds accumulators 4q ... 4q + 3 of thread x at 16 (32 warps q + x): conflict-free 16-byte accesses.
+    Operands: out the nc sums (every warp of a group gets them); in the accumulators, the element index."""
+    lanes = 32 * warps
+    acc, out, elem = [f"${nc + i}" for i in range(nc)], [f"${i}" for i in range(nc)], f"${2 * nc}"
+    ptx = ["{", f".shared .align 16 .b8 wsum[{16 * lanes * (nc // 4)}];", ".reg .b32 a, b, tx;", ".reg .f32 v<4>;",
+           ".reg .pred bad;", "mov.u32 tx, %tid.x; mov.u32 a, wsum; shl.b32 b, tx, 4; add.u32 b, a, b;"]
+    ptx += [f"st.shared.v4.f32 [b+{16 * lanes * q}], {{{', '.join(acc[4 * q : 4 * q + 4])}}};" for q in range(nc // 4)]
+    ptx += ["bar.sync 0;", f"and.b32 b, tx, {-32 * kw}; and.b32 tx, tx, 31; add.u32 b, b, tx; shl.b32 b, b, 4; add.u32 b, a, b;"]
+    for q in range(nc // 4):
+        o = out[4 * q : 4 * q + 4]
+        ptx.append(f"ld.shared.v4.f32 {{{', '.join(o)}}}, [b+{16 * lanes * q}];")
+        for k in range(1, kw):
+            ptx.append(f"ld.shared.v4.f32 {{v0, v1, v2, v3}}, [b+{16 * lanes * q + 512 * k}];")
+            ptx += [f"add.f32 {o[j]}, {o[j]}, v{j};" for j in range(4)]
+    ptx.append(f"mov.u32 tx, %tid.x; setp.ne.u32 bad, tx, {elem};")
+    ptx += [f"@bad mov.b32 {r}, 0x7FC00000;" for r in out]
+    return "\n".join(ptx + ["}"])
+
 @triton.jit
 def _i64(p):
     return p.to(tl.int64, bitcast=True)
@@ -433,22 +458,23 @@ def _mma_sync_step(c, w, wp, sp, xp, d, left, elem, tw, TR: tl.constexpr, TN: tl
 
 
 @triton.jit
-def _mma_sync_store(ptr, f, row, tok, M, N, stride, alpha):
-    """Accumulator fragment f -> [tokens, rows]: f[0], f[1] are row g's tokens 2t, 2t + 1; f[2], f[3] row g + 8's."""
+def _mma_sync_store(ptr, f, row, tok, M, N, stride, alpha, keep):
+    """Accumulator fragment f -> [tokens, rows] where keep: f[0], f[1] are row g's tokens 2t, 2t + 1; f[2], f[3] row
+    g + 8's."""
     c0, c1, c2, c3 = f
     ty = ptr.dtype.element_ty
     p = ptr + tok * stride + row
-    tl.store(p, (c0 * alpha).to(ty), mask=(tok < M) & (row < N))
-    tl.store(p + stride, (c1 * alpha).to(ty), mask=(tok + 1 < M) & (row < N))
-    tl.store(p + 8, (c2 * alpha).to(ty), mask=(tok < M) & (row + 8 < N))
-    tl.store(p + stride + 8, (c3 * alpha).to(ty), mask=(tok + 1 < M) & (row + 8 < N))
+    tl.store(p, (c0 * alpha).to(ty), mask=keep & (tok < M) & (row < N))
+    tl.store(p + stride, (c1 * alpha).to(ty), mask=keep & (tok + 1 < M) & (row < N))
+    tl.store(p + 8, (c2 * alpha).to(ty), mask=keep & (tok < M) & (row + 8 < N))
+    tl.store(p + stride + 8, (c3 * alpha).to(ty), mask=keep & (tok + 1 < M) & (row + 8 < N))
 
 
 @triton.jit
 def _nvfp4_mma_sync_kernel(
     a_ptr, w_ptr, sf_ptr, out_ptr, part_ptr, count_ptr, scalars_ptr, M, N, K, K_PER_SPLIT, stride_am, stride_om, SPLIT,
     ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, W: tl.constexpr, TR: tl.constexpr, TN: tl.constexpr, STEP: tl.constexpr,
-    LOAD: tl.constexpr, KW: tl.constexpr = 1, PX: tl.constexpr = False, ODD: tl.constexpr = False,
+    LOAD: tl.constexpr, KW: tl.constexpr = 1, PX: tl.constexpr = False, ODD: tl.constexpr = False, SUM: tl.constexpr = "",
 ):  # fmt: skip
     """out[M, N] = alpha * a[M, K] @ W.T for M <= 8 TN, W blocked, N a multiple of 16 TR, K_PER_SPLIT of 256 KW (ODD: of
     128 KW, a warp's range may be an odd number of steps): W warps, W / KW groups of 16 TR weight rows, through mma.sync
@@ -492,21 +518,17 @@ def _nvfp4_mma_sync_kernel(
                     c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, TN, STEP, PX)
             else:
                 c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, TN, STEP, PX)
-        if KW > 1:  # the group's warps' sums, added in shared memory
-            summed = ()
-            for i in tl.static_range(4 * TR * TN):
-                summed = summed + (tl.reshape(tl.sum(tl.reshape(c[i], (G, KW, 32)), axis=1), (32 * G,)),)
-            c = summed
-            lane = tl.arange(0, 32 * G)
-            row = pid_n * R + lane // 32 * (16 * TR) + lane % 32 // 4
-            t = lane % 4
+        if KW > 1:  # the group's warps' sums, added in shared memory; warp j of a group stores the fragments j, j + KW..
+            c = tl.inline_asm_elementwise(SUM, "=&f," * (4 * TR * TN) + "f," * (4 * TR * TN) + "r", c + (elem,),
+                                          dtype=(tl.float32,) * (4 * TR * TN), is_pure=False, pack=1)  # fmt: skip
         for r in tl.static_range(TR):  # block r's rows, token group n: accumulators 4 (r TN + n) ... + 3
             for n in tl.static_range(TN):
                 f = c[4 * (r * TN + n)], c[4 * (r * TN + n) + 1], c[4 * (r * TN + n) + 2], c[4 * (r * TN + n) + 3]
+                keep = elem // 32 % KW == (r * TN + n) % KW
                 if SPLIT == 1:
-                    _mma_sync_store(out_ptr, f, row + 16 * r, 8 * n + 2 * t, M, N, stride_om, alpha)
+                    _mma_sync_store(out_ptr, f, row + 16 * r, 8 * n + 2 * t, M, N, stride_om, alpha, keep)
                 else:
-                    _mma_sync_store(part_ptr + pid_k * M * N, f, row + 16 * r, 8 * n + 2 * t, M, N, N, 1.0)
+                    _mma_sync_store(part_ptr + pid_k * M * N, f, row + 16 * r, 8 * n + 2 * t, M, N, N, 1.0, keep)
     else:
         acc = tl.zeros((R, 8 * TN), dtype=tl.float32)
         for k0 in range(ks, ke, 128):
@@ -661,9 +683,10 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
 
 def _shared_k(m: int, n: int, k: int) -> Tiling | None:
     """The mma.sync tiling with one row group a program and its K range shared by all its warps (summed in shared
-    memory, no second pass), where that gives enough warps; else None. From H100 sweeps (BENCHMARKS.md, twelfth and
-    thirteenth sessions):
-    - 9-16 rows, 2 x 2 tiles (32 rows a program), 4 warps, where that makes 1024 warps;
+    memory, no second pass), where that gives enough warps; else None. From H100 sweeps (BENCHMARKS.md, twelfth to
+    fourteenth sessions):
+    - 9-16 rows of matrices of 2^24 weights and more: 2 x 2 tiles (32 rows a program), 4 warps where that makes 1024
+      warps, else 8;
     - else 1-8 rows (1 x 1 tiles), and 9-16 rows of matrices under 2^24 weights (1 x 2 tiles: half the rows of a
       warp's, twice its activation reads, twice the warps): 16 rows a program, warps doubled until there are 2048
       or a warp's range would fall under four 128-column steps (at most 16 warps);
@@ -673,8 +696,8 @@ def _shared_k(m: int, n: int, k: int) -> Tiling | None:
     fewer), and for 1 x 2 tiles with at most 2 warps a program. A warp's range must be whole 128-column steps."""
     if m == 1 and k < 2048:
         return None
-    if m > 8 and n % 32 == 0 and triton.cdiv(n, 32) * 4 >= 1024:
-        tr, warps, ahead = 2, 4, False
+    if m > 8 and n % 32 == 0 and n * k >= 1 << 24:  # 2 x 2 tiles: 4 warps, or 8 where 4 make fewer than 1024
+        tr, warps, ahead = 2, (4 if triton.cdiv(n, 32) * 4 >= 1024 else 8), False
     elif m > 8 and n * k >= 1 << 24:
         return None
     else:
@@ -757,7 +780,8 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     if kernel == "mma.sync":
         step, load = _MMA_SYNC_PTX[tr, bm // 8, ahead]
         _nvfp4_mma_sync_kernel[grid[::2]](*args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, TR=tr, TN=bm // 8, STEP=step,
-                                          LOAD=load, KW=kw, PX=ahead, ODD=bk == 128, num_warps=warps, num_stages=1)  # fmt: skip
+                                          LOAD=load, KW=kw, PX=ahead, ODD=bk == 128, SUM=_warp_sum_ptx(4 * tr * bm // 8, warps, kw) if kw > 1 else "",
+                                          num_warps=warps, num_stages=1)  # fmt: skip
     else:
         _nvfp4_gemv_kernel[grid](*args, ALPHA_IDX=idx, ASM=not interpreting(), EVEN_N=N % bn == 0, BM=bm, BN=bn, BK=bk,
                                  FMA=kernel == "fma", STAGES=stages, BLOCKED=w.blocked, num_warps=warps, num_stages=stages)  # fmt: skip

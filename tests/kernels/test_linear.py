@@ -109,6 +109,7 @@ def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
         assert _gemv_blocks(1, 11264, 4096).ahead is False  # 2816 warps: not all resident with the extra registers
         assert _gemv_blocks(1, 4096, 1280).kernel == "fma"
         assert _gemv_blocks(16, 8192, 4096) == Tiling("mma.sync", 16, 32, 256, 4, 1, 1, 4)  # 2 x 2 tiles
+        assert _gemv_blocks(16, 4096, 11264) == Tiling("mma.sync", 16, 32, 128, 8, 1, 1, 8)  # 128 row groups: 8 warps
         assert _gemv_blocks(16, 1280, 4096) == Tiling("mma.sync", 16, 16, 256, 8, 1, 1, 8)  # 1 x 2 tiles
     configs = [None] + [Tiling("mma.sync", 16, 32 * wp, 256, wp, sp) for wp, sp in ((1, 1), (2, 2), (4, 1))]
     configs += [Tiling("mma.sync", 16, 32, 256, 2, 1, kwarps=2), Tiling("mma.sync", 16, 64, 256, 4, 1, kwarps=2)]
