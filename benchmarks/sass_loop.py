@@ -62,7 +62,8 @@ def main() -> None:
     for tr, tn in ((1, 1), (1, 2), (2, 2)):
         px = tr == 1  # activations a step ahead where the rule mostly picks them
         step, load = linear._MMA_SYNC_PTX[tr, tn, px]
-        const = {"ALPHA_IDX": 0, "ASM": True, "W": 4, "TR": tr, "TN": tn, "STEP": step, "LOAD": load, "KW": 4, "PX": px, "ODD": False}
+        const = {"ALPHA_IDX": 0, "ASM": True, "W": 4, "TR": tr, "TN": tn, "STEP": step, "LOAD": load, "KW": 4, "PX": px, "ODD": False,
+                 "SUM": linear._warp_sum_ptx(4 * tr * tn, 4, 4)}
         k = compile_sm90(linear._nvfp4_mma_sync_kernel, SIG, const, 4, 1)
         print(f"| {8 * tn} (mma.sync, {tr} x {tn} tiles) | {16 * tr} | 256 | 4 | {_summary(hot_loop(k.asm['cubin']), 128 * tr)} |")
 

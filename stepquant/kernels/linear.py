@@ -84,9 +84,25 @@ def _scale_ptx(byte: str, ss: str) -> str:
             f"mul.f32 f, f, 0f7E800000; mov.b32 m, f; prmt.b32 {ss}, m, m, 0x3232;\n")
 
 
-def _pairs_ptx(word: str, p: list[str], ss: str | None) -> str:
-    """PTX: the 8 codes of `word` -> bf16 pairs p[j] = elements (j, j + 4) (x the scale pair `ss`, if given)."""
+# A blocked weight's words (NVFP4Weight.blocked) hold the same 8 codes with their bits moved to where the decode
+# wants them: element e's three magnitude bits start at bit _BLOCKED_MAG[e], its sign at _BLOCKED_SIGN[e]. Element 0
+# (and 4) are in place (one AND), 1 (and 5) one shift away with their sign (two instructions), 2, 3 (6, 7) need
+# separate shifts for sign and magnitude (four): 11 instructions a word instead of 15 (BENCHMARKS.md, fourteenth
+# session).
+_BLOCKED_MAG = (6, 0, 3, 11, 22, 16, 19, 27)
+_BLOCKED_SIGN = (15, 9, 10, 14, 31, 25, 26, 30)
+
+
+def _pairs_ptx(word: str, p: list[str], ss: str | None, blocked: bool = False) -> str:
+    """PTX: the 8 codes of `word` (blocked: bits as _BLOCKED_MAG/_SIGN place them) -> bf16 pairs p[j] = elements
+    (j, j + 4) (x the scale pair `ss`, if given)."""
     mul = "".join(f"mul.rn.bf16x2 {r}, {r}, {ss}; " for r in p) + "\n" if ss else ""
+    if blocked:
+        return f"""and.b32 {p[0]}, {word}, 0x81C081C0;
+shl.b32 m, {word}, 6; and.b32 {p[1]}, m, 0x81C081C0;
+shl.b32 m, {word}, 3; shl.b32 s, {word}, 5; and.b32 m, m, 0x01C001C0; lop3.b32 {p[2]}, m, s, 0x80008000, 0xF8;
+shr.b32 m, {word}, 5; shl.b32 s, {word}, 1; and.b32 m, m, 0x01C001C0; lop3.b32 {p[3]}, m, s, 0x80008000, 0xF8;
+{mul}"""
     return f"""shl.b32 m, {word}, 6; shl.b32 s, {word}, 12; and.b32 m, m, 0x01C001C0; lop3.b32 {p[0]}, m, s, 0x80008000, 0xF8;
 shl.b32 m, {word}, 2; shl.b32 s, {word}, 8; and.b32 m, m, 0x01C001C0; lop3.b32 {p[1]}, m, s, 0x80008000, 0xF8;
 shr.b32 m, {word}, 2; shl.b32 s, {word}, 4; and.b32 m, m, 0x01C001C0; lop3.b32 {p[2]}, m, s, 0x80008000, 0xF8;
@@ -95,13 +111,21 @@ shr.b32 m, {word}, 6; and.b32 m, m, 0x01C001C0; lop3.b32 {p[3]}, m, {word}, 0x80
 
 
 _REGS = ".reg .b32 m, s, t, u, f, ss;\n.reg .b16 h16, l16;\n"
-_DECODE_PTX = tl.constexpr("{" + _REGS + _scale_ptx("$5", "ss") + _pairs_ptx("$4", ["$0", "$1", "$2", "$3"], "ss") + "}")
-# The same, re-paired with prmt into adjacent elements (0, 1), (2, 3), (4, 5), (6, 7): how the MMA's operand
-# registers hold them.
-_DECODE_ADJACENT_PTX = tl.constexpr("{" + _REGS + _scale_ptx("$5", "ss") + _pairs_ptx("$4", ["$0", "$1", "$2", "$3"], None) + """
+
+
+def _decode_ptx(adjacent: bool, blocked: bool) -> tl.constexpr:
+    """PTX: word $4 and scale byte $5 -> pairs $0..$3; adjacent: re-paired with prmt into elements (0, 1), (2, 3),
+    (4, 5), (6, 7), how the MMA's operand registers hold them."""
+    if not adjacent:
+        return tl.constexpr("{" + _REGS + _scale_ptx("$5", "ss") + _pairs_ptx("$4", ["$0", "$1", "$2", "$3"], "ss", blocked) + "}")
+    return tl.constexpr("{" + _REGS + _scale_ptx("$5", "ss") + _pairs_ptx("$4", ["$0", "$1", "$2", "$3"], None, blocked) + """
 mul.rn.bf16x2 m, $0, ss; mul.rn.bf16x2 s, $1, ss; mul.rn.bf16x2 t, $2, ss; mul.rn.bf16x2 u, $3, ss;
 prmt.b32 $0, m, s, 0x5410; prmt.b32 $1, t, u, 0x5410; prmt.b32 $2, m, s, 0x7632; prmt.b32 $3, t, u, 0x7632;
 }""")
+
+
+_DECODE_PTX, _DECODE_ADJACENT_PTX = _decode_ptx(False, False), _decode_ptx(True, False)
+_DECODE_BLOCKED_PTX, _DECODE_ADJACENT_BLOCKED_PTX = _decode_ptx(False, True), _decode_ptx(True, True)
 
 
 @triton.jit
@@ -113,28 +137,38 @@ def _bf16_pair(r):
 
 
 @triton.jit
-def _weight_pairs(words, sfb, ASM: tl.constexpr, ADJACENT: tl.constexpr = False):
-    """int32 words of packed E2M1 codes and their E4M3 scale bytes (int32, same shape) -> four int32
-    holding bf16 pairs `code x scale x 2^-8`: elements (j, j + 4) of each word in pair j, or with
-    ADJACENT (2j, 2j + 1). Through PTX on the GPU; under the interpreter the same bits from fp32 values."""
+def _weight_pairs(words, sfb, ASM: tl.constexpr, ADJACENT: tl.constexpr = False, BLOCKED: tl.constexpr = False):
+    """int32 words of packed E2M1 codes (BLOCKED: a blocked weight's, bits moved) and their E4M3 scale bytes (int32,
+    same shape) -> four int32 holding bf16 pairs `code x scale x 2^-8`: elements (j, j + 4) of each word in pair j,
+    or with ADJACENT (2j, 2j + 1). Through PTX on the GPU; under the interpreter the same bits from fp32 values."""
     if ASM:
-        r0, r1, r2, r3 = tl.inline_asm_elementwise(_DECODE_ADJACENT_PTX if ADJACENT else _DECODE_PTX, "=&r,=&r,=&r,=&r,r,r",
-                                                   [words, sfb], dtype=(tl.int32,) * 4, is_pure=True, pack=1)  # fmt: skip
+        if BLOCKED:
+            ptx: tl.constexpr = _DECODE_ADJACENT_BLOCKED_PTX if ADJACENT else _DECODE_BLOCKED_PTX
+        else:
+            ptx: tl.constexpr = _DECODE_ADJACENT_PTX if ADJACENT else _DECODE_PTX
+        r0, r1, r2, r3 = tl.inline_asm_elementwise(ptx, "=&r,=&r,=&r,=&r,r,r", [words, sfb], dtype=(tl.int32,) * 4,
+                                                   is_pure=True, pack=1)  # fmt: skip
     else:
         sf = _e4m3_value(sfb) * (16384.0 / 256.0)
         step: tl.constexpr = 2 if ADJACENT else 1  # pair j: elements (step j, step j + high)
         high: tl.constexpr = 1 if ADJACENT else 4
-        r0 = _bf16_bits(words, 0, sf) | (_bf16_bits(words, high, sf) << 16)
-        r1 = _bf16_bits(words, step, sf) | (_bf16_bits(words, step + high, sf) << 16)
-        r2 = _bf16_bits(words, 2 * step, sf) | (_bf16_bits(words, 2 * step + high, sf) << 16)
-        r3 = _bf16_bits(words, 3 * step, sf) | (_bf16_bits(words, 3 * step + high, sf) << 16)
+        r0 = _bf16_bits(words, 0, sf, BLOCKED) | (_bf16_bits(words, high, sf, BLOCKED) << 16)
+        r1 = _bf16_bits(words, step, sf, BLOCKED) | (_bf16_bits(words, step + high, sf, BLOCKED) << 16)
+        r2 = _bf16_bits(words, 2 * step, sf, BLOCKED) | (_bf16_bits(words, 2 * step + high, sf, BLOCKED) << 16)
+        r3 = _bf16_bits(words, 3 * step, sf, BLOCKED) | (_bf16_bits(words, 3 * step + high, sf, BLOCKED) << 16)
     return r0, r1, r2, r3
 
 
 @triton.jit
-def _bf16_bits(words, j: tl.constexpr, sf):
-    """bf16 bits (int32) of element j of each word x sf (exact in bf16)."""
-    v = _fp4_bits_to_f32((words >> (4 * j)) & 15) * sf
+def _bf16_bits(words, j: tl.constexpr, sf, BLOCKED: tl.constexpr = False):
+    """bf16 bits (int32) of element j of each word (BLOCKED: bits moved, see _BLOCKED_MAG) x sf (exact in bf16)."""
+    if BLOCKED:
+        mag: tl.constexpr = (6 if j % 4 == 0 else 0 if j % 4 == 1 else 3 if j % 4 == 2 else 11) + 16 * (j // 4)
+        sign: tl.constexpr = (15 if j % 4 == 0 else 9 if j % 4 == 1 else 10 if j % 4 == 2 else 14) + 16 * (j // 4)
+        code = ((words >> mag) & 7) | (((words >> sign) & 1) << 3)
+    else:
+        code = (words >> (4 * j)) & 15
+    v = _fp4_bits_to_f32(code) * sf
     return (v.to(tl.int32, bitcast=True) >> 16) & 0xFFFF
 
 
@@ -149,11 +183,11 @@ def _hi(r):
 
 
 @triton.jit
-def _decode_words(words, sfb, ASM: tl.constexpr):
-    """int32 words [A, B, C] of packed E2M1 codes and their E4M3 scale bytes (int32, same shape) ->
-    [A, B, C, 8] bf16 weight values `code x scale x 2^-8` in K order (pairs through PTX on the GPU, the
+def _decode_words(words, sfb, ASM: tl.constexpr, BLOCKED: tl.constexpr = False):
+    """int32 words [A, B, C] of packed E2M1 codes (BLOCKED: bits moved) and their E4M3 scale bytes (int32, same
+    shape) -> [A, B, C, 8] bf16 weight values `code x scale x 2^-8` in K order (pairs through PTX on the GPU, the
     same bits from fp32 values under the interpreter)."""
-    r0, r1, r2, r3 = _weight_pairs(words, sfb, ASM, ADJACENT=True)
+    r0, r1, r2, r3 = _weight_pairs(words, sfb, ASM, ADJACENT=True, BLOCKED=BLOCKED)
     v = tl.join(tl.join(_bf16_pair(r0), _bf16_pair(r1)), tl.join(_bf16_pair(r2), _bf16_pair(r3)))
     v = tl.permute(v, (0, 1, 2, 5, 4, 3))  # [.., half, pair bit 0, pair bit 1] -> element order
     return tl.reshape(v, (words.shape[0], words.shape[1], words.shape[2], 8))
@@ -168,7 +202,7 @@ def _nvfp4_tile(w_ptr, sf_ptr, rows, rmask, k0, K, ASM: tl.constexpr, BN: tl.con
     NB: tl.constexpr = BK // 16
     words, sw = _load_words(w_ptr, sf_ptr, rows, rmask, k0, K, BK, BLOCKED)
     sfb = _scale_bytes(sw, BN, BK)
-    w = _decode_words(tl.reshape(words, (BN, NB, 2)), tl.reshape(sfb, (BN, NB, 2)), ASM)
+    w = _decode_words(tl.reshape(words, (BN, NB, 2)), tl.reshape(sfb, (BN, NB, 2)), ASM, BLOCKED)
     return tl.reshape(w, (BN, BK))
 
 
@@ -218,17 +252,17 @@ def _x_pairs(row_ptr, k0, BK: tl.constexpr):
 
 
 @triton.jit
-def _word_dots(acc, words, sf, xw, ASM: tl.constexpr, ROWS3: tl.constexpr = False):
-    """acc [BN, BK/8] + weight words [BN, BK/8] (their scale operands alike) times one row of activations
-    (`_x_pairs`, [BK/2]): each word's 8 products (scale included) added in fp32, one FMA each. ROWS3: acc and
-    words [P, BN, BK/8], a row of activations [P, BK/2] for each P."""
+def _word_dots(acc, words, sf, xw, ASM: tl.constexpr, ROWS3: tl.constexpr = False, BLOCKED: tl.constexpr = False):
+    """acc [BN, BK/8] + weight words [BN, BK/8] (their scale operands alike; BLOCKED: a blocked weight's) times one
+    row of activations (`_x_pairs`, [BK/2]): each word's 8 products (scale included) added in fp32, one FMA each.
+    ROWS3: acc and words [P, BN, BK/8], a row of activations [P, BK/2] for each P."""
     if ROWS3:
         q02, q13 = tl.split(tl.reshape(xw, (xw.shape[0], 1, xw.shape[1] // 4, 2, 2)))
     else:
         q02, q13 = tl.split(tl.reshape(xw, (1, xw.shape[0] // 4, 2, 2)))  # pair q of a word: elements 2q, 2q + 1
     q0, q2 = tl.split(q02)
     q1, q3 = tl.split(q13)
-    r0, r1, r2, r3 = _weight_pairs(words, sf, ASM)  # pair j: elements (j, j + 4)
+    r0, r1, r2, r3 = _weight_pairs(words, sf, ASM, BLOCKED=BLOCKED)  # pair j: elements (j, j + 4)
     acc += _lo(r0) * _lo(q0)
     acc += _lo(r1) * _hi(q0)
     acc += _lo(r2) * _lo(q1)
@@ -276,7 +310,7 @@ def _nvfp4_gemv_kernel(
         # Triton's pipeliner keeps STAGES tiles of weights, scales and activations in flight (cp.async)
         for k0 in tl.range(pid_k * K_PER_SPLIT, k_end, BK, num_stages=STAGES):
             words, sw = _load_words(w_ptr, sf_ptr, rn, nmask, k0, K, BK, BLOCKED)
-            acc2 = _word_dots(acc2, words, _scale_bytes(sw, BN, BK), _x_pairs(a_ptr, k0, BK), ASM)
+            acc2 = _word_dots(acc2, words, _scale_bytes(sw, BN, BK), _x_pairs(a_ptr, k0, BK), ASM, BLOCKED=BLOCKED)
         acc = tl.reshape(tl.sum(acc2, axis=1), (BN, BM))
     else:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
@@ -376,7 +410,7 @@ def _mma_sync_step_ptx(TR: int, TN: int, px: bool = False) -> str:
         for h in range(2):  # rows g, g + 8: ss<4r + 2h>, ss<4r + 2h + 1> are their two blocks' scales
             sr = s[2 * r + h]
             out.append(_scale_ptx(sr, f"ss{4 * r + 2 * h}") + f"shr.b32 t, {sr}, 8; " + _scale_ptx("t", f"ss{4 * r + 2 * h + 1}"))
-            out += [_pairs_ptx(w[8 * r + 4 * h + k], [f"q{32 * r + 16 * h + 4 * k + j}" for j in range(4)], f"ss{4 * r + 2 * h + k // 2}")
+            out += [_pairs_ptx(w[8 * r + 4 * h + k], [f"q{32 * r + 16 * h + 4 * k + j}" for j in range(4)], f"ss{4 * r + 2 * h + k // 2}", True)
                     for k in range(4)]  # fmt: skip
     for k in range(4):  # word k of the lane's four
         for h in range(2):  # pairs (2h, 2h + 4) and (2h + 1, 2h + 5): activation words 4k + h and 4k + h + 2
@@ -560,7 +594,8 @@ class NVFP4Weight:
     `blocked`: the weight and its scales are stored in blocks of 16 rows x 128 columns (1 KB of codes, 128
     bytes of scales), each block row-major, the blocks of a 16-row band one after another, band after band. A
     warp's step of a decode GEMV then reads one contiguous kilobyte instead of 64 bytes from each of 16 rows 2 KB
-    or more apart, which HBM serves measurably faster (BENCHMARKS.md, eleventh session)."""
+    or more apart, which HBM serves measurably faster (BENCHMARKS.md, eleventh session). The bits of each int32
+    word of codes are moved as well (_BLOCKED_MAG), for a shorter decode."""
 
     weight: torch.Tensor  # uint8 [N, K/2] (blocked: the same bytes in blocks)
     weight_scale: torch.Tensor  # E4M3 bits, uint8 [N, K/16] (blocked: likewise)
@@ -584,7 +619,7 @@ class NVFP4Weight:
             raise ValueError(f"a blocked NVFP4 weight needs N a multiple of 16 and K of 128, not {n} x {k}")
         weight_scale = weight_scale.view(torch.uint8)
         if blocked:
-            weight, weight_scale = _to_blocks(weight, 64), _to_blocks(weight_scale, 8)
+            weight, weight_scale = _blocked_codes(_to_blocks(weight, 64)), _to_blocks(weight_scale, 8)
         return cls(_aligned(weight), _aligned(weight_scale), scalars.to(weight.device),
                    (float(scalars[0]), float(scalars[1])), blocked)  # fmt: skip
 
@@ -598,6 +633,17 @@ def _to_blocks(t: torch.Tensor, width: int) -> torch.Tensor:
     row-band order (NVFP4Weight.blocked)."""
     n, c = t.shape
     return t.reshape(n // 16, 16, c // width, width).transpose(1, 2).reshape(n, c)
+
+
+def _blocked_codes(t: torch.Tensor) -> torch.Tensor:
+    """Packed codes (uint8 [N, C], C a multiple of 4; element e of an int32 word in nibble e: sign bit 4e + 3) with
+    each word's bits moved to _BLOCKED_MAG / _BLOCKED_SIGN."""
+    w = t.contiguous().view(torch.int32)
+    out = torch.zeros_like(w)
+    for e, (mag, sign) in enumerate(zip(_BLOCKED_MAG, _BLOCKED_SIGN)):
+        out |= ((w >> (4 * e)) & 7) << mag
+        out |= ((w >> (4 * e + 3)) & 1) << sign
+    return out.view(torch.uint8)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from stepquant.formats import FORMATS
 from stepquant.kernels.linear import (
     NVFP4Weight,
     Tiling,
+    _blocked_codes,
     _gemv_blocks,
     dequantize_nvfp4,
     nvfp4_dequantize,
@@ -153,7 +154,8 @@ def test_few_rows_unaligned_operands_are_served(device):
 
 @pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
 def test_blocked_weights_give_the_plain_layouts_results(device, mode):
-    """NVFP4Weight's blocks of 16 rows x 128 columns: the bytes land where the layout says, and every path
+    """NVFP4Weight's blocks of 16 rows x 128 columns: the bytes land where the layout says (their bits moved as
+    _BLOCKED_MAG says), and every path
     (one row, the mma.sync rows, Triton's MMA rows, prefill's dequantized copy) computes what it computes
     from the plain layout."""
     p, _, isc = _layer(32, 512, 9, device)
@@ -162,7 +164,9 @@ def test_blocked_weights_give_the_plain_layouts_results(device, mode):
     assert blocked.blocked and not plain.blocked
     # row 16 + 8 + 3, columns 128 + 64 ...: block (band 1, column block 1), row 11 inside it, byte 32 of the row
     block = (1 * 4 + 1) * 1024 + 11 * 64 + 32
-    assert torch.equal(blocked.weight.reshape(-1)[block : block + 16].cpu(), p["weight"][27, 96:112].cpu())
+    moved = _blocked_codes(p["weight"][27:28, 96:112].cpu()).reshape(-1)  # each word's bits moved for the decode
+    assert torch.equal(blocked.weight.reshape(-1)[block : block + 16].cpu(), moved)
+    assert not torch.equal(moved, p["weight"][27, 96:112].cpu())
     sblock = (1 * 4 + 1) * 128 + 11 * 8 + 4
     assert torch.equal(blocked.weight_scale.reshape(-1)[sblock : sblock + 4].cpu(), p["weight_scale"].view(torch.uint8)[27, 12:16].cpu())
     assert torch.equal(nvfp4_dequantize(blocked), nvfp4_dequantize(plain))
