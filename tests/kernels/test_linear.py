@@ -138,6 +138,21 @@ def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
         assert _rel(out, ref3) < 1e-5, ahead
 
 
+@pytest.mark.parametrize("m", [5, 16])
+def test_k_shared_by_eight_warps_and_two_row_groups(device, m):
+    """The warp sum at its widest: 8 warps on one K range (2 x 1 or 2 x 2 tiles with 256-column steps, 1 x 1 or 1 x 2
+    with two 128-column steps), and two row groups of 4 warps in one program, each group summing its own warps only."""
+    p, _, _ = _layer(64, 2048, 11, device)
+    w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"])
+    x = (torch.randn(m, 2048, generator=torch.Generator().manual_seed(m)) * 1.5).to(torch.bfloat16).to(device)
+    ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"])
+    tn = 1 if m <= 8 else 2
+    configs = [Tiling("mma.sync", 8 * tn, 32, 256, 8, 1, 1, 8), Tiling("mma.sync", 8 * tn, 32, 128, 8, 1, 1, 4)]
+    configs += [Tiling("mma.sync", 8 * tn, 16, 128, 8, 1, 1, 8)]
+    for config in configs:
+        assert _rel(nvfp4_linear(x, w, out_dtype=torch.float32, config=config), ref) < 1e-5, config
+
+
 def test_few_rows_unaligned_operands_are_served(device):
     """The kernels' int32 and 16-byte loads: activations and weights at odd addresses are copied first."""
     p, _, _ = _layer(32, 256, 8, device)
