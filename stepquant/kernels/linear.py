@@ -518,6 +518,10 @@ def _nvfp4_mma_sync_kernel(
     through tl.dot."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    tok0 = tl.program_id(2) * (8 * TN)  # more tokens than a program's 8 TN: each group of them in its own programs
+    a_ptr += tok0 * stride_am
+    out_ptr += tok0 * stride_om
+    M -= tok0
     ks = pid_k * K_PER_SPLIT
     ke = tl.minimum(ks + K_PER_SPLIT, K)
     alpha = tl.load(scalars_ptr + ALPHA_IDX) * 256.0
@@ -672,9 +676,10 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 class Tiling(NamedTuple):
     """Which GEMV kernel runs a decode-sized product, and its tiling. `kernel`: "fma" (one row: fp32 FMAs),
-    "mma.sync" (up to 16 rows of a blocked weight, TR x TN tiles a warp: BM = 8 TN tokens, BN = 16 TR x warps / kwarps
-    rows, BK 256 = two 128-column steps a turn, or 128 where a warp's range may be an odd number of steps; stages
-    unused) or "dot" (Triton's MMA: BM tokens, a cp.async pipeline of `stages`)."""
+    "mma.sync" (a blocked weight, TR x TN tiles a warp: BM = 8 TN tokens a program, more rows in groups of BM, each
+    group in its own programs; BN = 16 TR x warps / kwarps rows, BK 256 = two 128-column steps a turn, or 128 where a
+    warp's range may be an odd number of steps; stages unused) or "dot" (Triton's MMA: BM tokens, a cp.async pipeline
+    of `stages`)."""
 
     kernel: str
     bm: int
@@ -695,12 +700,12 @@ class Tiling(NamedTuple):
 def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
     """The GEMV kernel and tiling for [m, k] @ [n, k].T, from sweeps on an H100 and H200 (BENCHMARKS.md)."""
     mma_sync = blocked and k % 256 == 0 and (m <= 8 or (m <= 16 and n % 32 == 0 and k >= 2048))
-    shared = _shared_k(m, n, k) if blocked and k % 256 == 0 and m <= 16 else None
+    shared = _shared_k(m, n, k) if blocked and k % 256 == 0 and m <= GEMV_MAX_M else None
     if interpreting():
         if shared or (m >= 2 and mma_sync):
-            tn = 1 if m <= 8 else 2
+            tn = shared.bm // 8 if shared else 1 if m <= 8 else 2
             tr = shared.tr if shared else tn
-            return Tiling("mma.sync", 8 * tn, 16 * tr, 256, 1, (2 if k >= 512 else 1))
+            return Tiling("mma.sync", 8 * tn, 16 * tr, 256, 1, (2 if k >= 512 and m <= 8 * tn else 1))
         return Tiling("fma" if m == 1 else "dot", (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1))
     if shared:
         return shared
@@ -729,33 +734,35 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
 
 def _shared_k(m: int, n: int, k: int) -> Tiling | None:
     """The mma.sync tiling with one row group a program and its K range shared by all its warps (summed in shared
-    memory, no second pass), where that gives enough warps; else None. From H100 sweeps (BENCHMARKS.md, twelfth to
-    fourteenth sessions):
-    - 9-16 rows of matrices of 2^24 weights and more: 2 x 2 tiles (32 rows a program), 4 warps where that makes 1024
-      warps, else 8;
-    - else 1-8 rows (1 x 1 tiles), and 9-16 rows of matrices under 2^24 weights (1 x 2 tiles: half the rows of a
-      warp's, twice its activation reads, twice the warps): 16 rows a program, warps doubled until there are 2048
-      or a warp's range would fall under four 128-column steps (at most 16 warps);
+    memory, no second pass), where that gives enough warps; else None. Rows beyond a program's 8 (16) tokens go in
+    groups, each in its own programs on the same weights (the later groups' reads mostly hit L2). From H100 sweeps
+    (BENCHMARKS.md, twelfth to fourteenth sessions):
+    - matrices of 2^24 weights and more: 9-16 rows in 2 x 2 tiles (32 rows a program), 4 warps where that makes 1024
+      warps, else 8; more rows: None (Triton's MMA kernel);
+    - else 1 x 1 tiles (16 rows a program) in groups of 8 tokens, warps doubled until there are 2048 or a warp's range
+      would fall under four 128-column steps (at most 16 warps); activations are loaded a step ahead where all the
+      groups' warps are resident at once (2048 or fewer), and beyond 16 rows, where they are not, 2 x 2 tiles with 8
+      warps in groups of 16 tokens take over wherever K splits into 8 whole 128-column ranges;
     - one row too, where K has 2048 columns or more: it beats the one-row kernel there although 7 of its 8 token
       columns are padding.
-    Activations are loaded a step ahead for 1 x 1 tiles where every program is resident at once (2048 warps or
-    fewer), and for 1 x 2 tiles with at most 2 warps a program. A warp's range must be whole 128-column steps."""
+    A warp's range must be whole 128-column steps."""
     if m == 1 and k < 2048:
         return None
-    if m > 8 and n % 32 == 0 and n * k >= 1 << 24:  # 2 x 2 tiles: 4 warps, or 8 where 4 make fewer than 1024
-        tr, warps, ahead = 2, (4 if triton.cdiv(n, 32) * 4 >= 1024 else 8), False
-    elif m > 8 and n * k >= 1 << 24:
-        return None
+    if n * k >= 1 << 24 and m > 8:
+        if m > 16 or n % 32:
+            return None
+        tr, warps, ahead = 2, (4 if triton.cdiv(n, 32) * 4 >= 1024 else 8), False  # 2 x 2 tiles
     else:
         programs, tr, warps = triton.cdiv(n, 16), 1, 1
         while warps < 16 and programs * warps < 2048 and k // (2 * warps) >= 512:
             warps *= 2
-        ahead = programs * warps <= 2048 if m <= 8 else warps <= 2
+        ahead = triton.cdiv(m, 8) * programs * warps <= 2048
+        if m > 16 and not ahead and n % 32 == 0 and k % 1024 == 0:
+            tr, warps = 2, 8
     if k % (128 * warps):
         return None
     bk = 256 if k % (256 * warps) == 0 else 128
-    tn = 1 if m <= 8 else 2
-    return Tiling("mma.sync", 8 * tn, 16 * tr, bk, warps, 1, 1, warps, ahead)
+    return Tiling("mma.sync", 16 if tr == 2 else 8, 16 * tr, bk, warps, 1, 1, warps, ahead)
 
 
 def _fit(bk: int, k: int) -> int:
@@ -809,10 +816,11 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     if kernel == "fma" and M != 1:
         raise ValueError(f"the one-row GEMV got {M} rows")
     tr = tiling.tr
-    if kernel == "mma.sync" and (bm not in (8, 16) or M > bm or not w.blocked or bk not in (128, 256) or warps % kw
+    if kernel == "mma.sync" and (bm not in (8, 16) or (M > bm and split > 1) or not w.blocked or bk not in (128, 256) or warps % kw
                                  or tr not in (1, 2) or bn * kw != 16 * tr * warps or N % (16 * tr)):  # fmt: skip
-        raise ValueError(f"the mma.sync kernel takes up to BM = 8 or 16 rows, a blocked weight, BK 128 or 256 and BN "
-                         f"16 or 32 x warps / kwarps, N a multiple of 16 or 32 (BN's); got M = {M}, N = {N}, blocked = {w.blocked}, {config}")  # fmt: skip
+        raise ValueError(f"the mma.sync kernel takes BM = 8 or 16 rows a program (more rows only without a K split), a "
+                         f"blocked weight, BK 128 or 256 and BN 16 or 32 x warps / kwarps, N a multiple of 16 or 32 (BN's); "
+                         f"got M = {M}, N = {N}, blocked = {w.blocked}, {config}")  # fmt: skip
     per_split = triton.cdiv(triton.cdiv(K, split), bk * kw) * bk * kw
     if K % per_split and kw > 1:
         raise ValueError(f"with {kw} warps on a K range every range must be full: K = {K}, {split} splits, {config}")
@@ -825,7 +833,7 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
             M, N, K, per_split, a.stride(0), out.stride(0), split)  # fmt: skip
     if kernel == "mma.sync":
         step, load = _MMA_SYNC_PTX[tr, bm // 8, ahead]
-        _nvfp4_mma_sync_kernel[grid[::2]](*args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, TR=tr, TN=bm // 8, STEP=step,
+        _nvfp4_mma_sync_kernel[grid[0], grid[2], grid[1]](*args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, TR=tr, TN=bm // 8, STEP=step,
                                           LOAD=load, KW=kw, PX=ahead, ODD=bk == 128, SUM=_warp_sum_ptx(4 * tr * bm // 8, warps, kw) if kw > 1 else "",
                                           num_warps=warps, num_stages=1)  # fmt: skip
     else:

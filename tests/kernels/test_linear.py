@@ -103,7 +103,7 @@ def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
     p["weight_scale"][95, -1] = torch.tensor(448.0).to(torch.float8_e4m3fn)  # the largest, in the last block
     ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode=mode)
     w = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc)
-    assert _gemv_blocks(m, 96, 512).kernel == ("fma" if m == 1 else "mma.sync")  # 9-16 rows of a small matrix: 1 x 2 tiles
+    assert _gemv_blocks(m, 96, 512).kernel == ("fma" if m == 1 else "mma.sync")  # 9-16 rows of a small matrix: 2 token groups
     if device == "cuda":  # the interpreter's rules mirror these at small tiles
         assert _gemv_blocks(1, 8192, 4096) == Tiling("mma.sync", 8, 16, 256, 4, 1, 1, kwarps=4, ahead=True)  # K shared by 4 warps
         assert _gemv_blocks(8, 4096, 11264) == Tiling("mma.sync", 8, 16, 128, 8, 1, 1, kwarps=8, ahead=True)  # 11 steps a warp
@@ -111,7 +111,7 @@ def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
         assert _gemv_blocks(1, 4096, 1280).kernel == "fma"
         assert _gemv_blocks(16, 8192, 4096) == Tiling("mma.sync", 16, 32, 256, 4, 1, 1, 4)  # 2 x 2 tiles
         assert _gemv_blocks(16, 4096, 11264) == Tiling("mma.sync", 16, 32, 128, 8, 1, 1, 8)  # 128 row groups: 8 warps
-        assert _gemv_blocks(16, 1280, 4096) == Tiling("mma.sync", 16, 16, 256, 8, 1, 1, 8)  # 1 x 2 tiles
+        assert _gemv_blocks(16, 1280, 4096) == Tiling("mma.sync", 8, 16, 256, 8, 1, 1, 8, True)  # two token groups
     configs = [None] + [Tiling("mma.sync", 16, 32 * wp, 256, wp, sp) for wp, sp in ((1, 1), (2, 2), (4, 1))]
     configs += [Tiling("mma.sync", 16, 32, 256, 2, 1, kwarps=2), Tiling("mma.sync", 16, 64, 256, 4, 1, kwarps=2)]
     configs += [Tiling("mma.sync", 16, 32, 128, 4, 1, 1, 4, ahead=True), Tiling("mma.sync", 16, 32, 256, 2, 1, 1, 2, ahead=True)]
@@ -125,8 +125,13 @@ def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
         assert _rel(out, ref) < 1e-5, config
         assert torch.equal(nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32, config=config), out)
     assert _rel(nvfp4_linear(x, w, mode=mode), ref) < 1e-2
-    with pytest.raises(ValueError, match="up to BM = 8 or 16 rows"):
-        nvfp4_linear(torch.cat([x] * 17), w, config=Tiling("mma.sync", 16, 32, 256, 1, 1))
+    with pytest.raises(ValueError, match="more rows only without a K split"):
+        nvfp4_linear(torch.cat([x] * 17), w, config=Tiling("mma.sync", 16, 32, 256, 1, 2))
+    if m >= 12:  # more rows than a program's: each group of 8 (16) in its own programs, which read the same weights
+        for config in (Tiling("mma.sync", 8, 16, 256, 2, 1, 1, 2), Tiling("mma.sync", 16, 32, 256, 1, 1)):
+            x3 = torch.cat([x, x[:5]])
+            out = nvfp4_linear(x3, w, mode=mode, out_dtype=torch.float32, config=config)
+            assert _rel(out, torch.cat([ref, ref[:5]])) < 1e-5, config
     p3, _, _ = _layer(96, 768, 7, device)
     w3 = NVFP4Weight.from_parts(p3["weight"], p3["weight_scale"], p3["weight_scale_2"])
     x3 = (torch.randn(m, 768, generator=g) * 1.5).to(torch.bfloat16).to(device)
@@ -190,7 +195,7 @@ def test_blocked_weights_give_the_plain_layouts_results(device, mode):
         x = (torch.randn(m, 512, generator=g) * 1.5).to(torch.bfloat16).to(device)
         ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode=mode)
         assert _gemv_blocks(m, 32, 512, blocked=False).kernel != "mma.sync"
-        assert _gemv_blocks(m, 32, 512).kernel == ("fma" if m == 1 else "mma.sync" if m <= 16 else "dot")
+        assert _gemv_blocks(m, 32, 512).kernel == ("fma" if m == 1 else "mma.sync" if m <= 64 else "dot")
         for w in (blocked, plain):
             assert _rel(nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32), ref) < 1e-5, (m, w.blocked)
     with pytest.raises(ValueError, match="a blocked weight"):
