@@ -352,17 +352,17 @@ def _add_parts(part_ptr, out_ptr, tile, rn, rm, M, N, stride_om, alpha, SPLIT):
 
 
 # -- a few rows (2-16 tokens, up to 64 of a small matrix, or one of a long matrix): mma.sync, operands filled by PTX --
-# The one-row kernel's FMAs cost 8 tokens 8x the work; Triton's own MMA route moves each decoded tile through
-# shared memory. Here each warp owns TR x TN tiles of `mma.sync.m16n8k16` (TR blocks of 16 weight rows on the MMA's M
-# side, TN groups of 8 tokens on N: 1 x 1 for 8 tokens a program, 2 x 2 for 16; more tokens in groups of programs, see
-# _shared_k) and puts the decoded weights straight into the MMA's registers. A warp's step is TR blocks of a blocked
-# weight (NVFP4Weight: 16 rows x 128 columns, 1 KB read whole; the next step's block follows it). Lane (g, t) =
-# (lane / 4, lane % 4) reads 16 bytes of rows g and g + 8 of each block: columns [32 t, 32 t + 32) of the step, four
-# words. A K sum does not care in which order its terms come, so the MMA's k index need not be the column: word w's
-# pairs (j, j + 4) (what the decode gives) go to k = (2 t, 2 t + 1) and (2 t + 8, 2 t + 9) of two MMAs, and the same
-# lane hands the MMA the activations of those same columns (tokens g and g + 8, two prmt a word); with 2 x 2 tiles each decoded block and each token group serve
-# two MMAs, which halves the activation reads a weight byte costs. The next step's words are loaded into a second
-# register set while this step computes (the loop runs two steps a turn).
+# The one-row kernel's FMAs cost 8 tokens 8x the work; Triton's own MMA route moves each decoded tile through shared
+# memory. Here each warp owns TR x TN tiles of `mma.sync.m16n8k16` (TR blocks of 16 weight rows on the MMA's M side, TN
+# groups of 8 tokens on N: 1 x 1 for 8 tokens a program, 2 x 2 for 16; more tokens in groups of programs, see _shared_k)
+# and puts the decoded weights straight into the MMA's registers. A warp's step is TR blocks of a blocked weight
+# (NVFP4Weight: 16 rows x 128 columns, 1 KB read whole; the next step's block follows it). Lane (g, t) = (lane / 4, lane
+# % 4) reads 16 bytes of rows g and g + 8 of each block: columns [32 t, 32 t + 32) of the step, four words. A K sum does
+# not care in which order its terms come, so the MMA's k index need not be the column: word w's pairs (j, j + 4) (what
+# the decode gives) go to k = (2 t, 2 t + 1) and (2 t + 8, 2 t + 9) of two MMAs, and the same lane hands the MMA the
+# activations of those same columns (tokens g and g + 8, two prmt a word); with 2 x 2 tiles each decoded block and each
+# token group serve two MMAs, which halves the activation reads a weight byte costs. The next step's words are loaded
+# into a second register set while this step computes (the loop runs two steps a turn).
 # Triton does not know which thread holds which element of the [32 W] tensors these values live in; the
 # PTX checks that element e sits on thread e and otherwise returns NaN, never a wrong number.
 def _mma_sync_loads_ptx(TR: int, words: list[str], scales: list[str], wa: str, sa: str, tw: str, pred: str = "") -> str:
