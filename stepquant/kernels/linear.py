@@ -445,7 +445,6 @@ _MMA_SYNC_PTX = {(tr, tn, px): (_mma_sync_step_ptx(tr, tn, px), _mma_sync_load_p
                  for tr in (1, 2) for tn in (1, 2) for px in (False, True)}  # fmt: skip
 
 
-
 @functools.cache
 def _warp_sum_ptx(nc: int, warps: int, kw: int) -> str:
     """PTX: a thread's nc accumulators summed over the kw warps of its row group (warps kw g ... kw g + kw - 1)
@@ -467,6 +466,7 @@ def _warp_sum_ptx(nc: int, warps: int, kw: int) -> str:
     ptx.append(f"mov.u32 tx, %tid.x; setp.ne.u32 bad, tx, {elem};")
     ptx += [f"@bad mov.b32 {r}, 0x7FC00000;" for r in out]
     return "\n".join(ptx + ["}"])
+
 
 @triton.jit
 def _i64(p):
@@ -510,12 +510,12 @@ def _nvfp4_mma_sync_kernel(
     ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, W: tl.constexpr, TR: tl.constexpr, TN: tl.constexpr, STEP: tl.constexpr,
     LOAD: tl.constexpr, KW: tl.constexpr = 1, PX: tl.constexpr = False, ODD: tl.constexpr = False, SUM: tl.constexpr = "",
 ):  # fmt: skip
-    """out[M, N] = alpha * a[M, K] @ W.T for M <= 8 TN, W blocked, N a multiple of 16 TR, K_PER_SPLIT of 256 KW (ODD: of
-    128 KW, a warp's range may be an odd number of steps): W warps, W / KW groups of 16 TR weight rows, through mma.sync
-    (see above). KW > 1: the KW warps of a group each take an equal part of the program's K range, their sums added
-    in shared memory at the end (no global parts, no second pass); then every K range must be full. PX: each step
-    loads the next step's activations too (more registers, no wait on them). Under the interpreter the same tiles
-    through tl.dot."""
+    """out[M, N] = alpha * a[M, K] @ W.T (8 TN rows a program, more in groups along the grid's third axis), W blocked, N
+    a multiple of 16 TR, K_PER_SPLIT of 256 KW (ODD: of 128 KW, a warp's range may be an odd number of steps): W
+    warps, W / KW groups of 16 TR weight rows, through mma.sync (see above). KW > 1: the KW warps of a group each take
+    an equal part of the program's K range, their sums added in shared memory at the end by SUM (_warp_sum_ptx, one
+    barrier; no global parts, no second pass); then every K range must be full. PX: each step loads the next step's activations too (more registers, no
+    wait on them). Under the interpreter the same tiles through tl.dot."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     tok0 = tl.program_id(2) * (8 * TN)  # more tokens than a program's 8 TN: each group of them in its own programs
