@@ -175,9 +175,8 @@ def test_few_rows_unaligned_operands_are_served(device):
 @pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
 def test_blocked_weights_give_the_plain_layouts_results(device, mode):
     """NVFP4Weight's blocks of 16 rows x 128 columns: the bytes land where the layout says (their bits moved as
-    _BLOCKED_MAG says), and every path
-    (one row, the mma.sync rows, Triton's MMA rows, prefill's dequantized copy) computes what it computes
-    from the plain layout."""
+    _BLOCKED_MAG says), and every path (one row, the mma.sync rows, Triton's MMA rows, prefill's dequantized copy)
+    computes what it computes from the plain layout."""
     p, _, isc = _layer(32, 512, 9, device)
     blocked = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc)
     plain = NVFP4Weight.from_parts(p["weight"], p["weight_scale"], p["weight_scale_2"], isc, blocked=False)
@@ -198,6 +197,10 @@ def test_blocked_weights_give_the_plain_layouts_results(device, mode):
         assert _gemv_blocks(m, 32, 512).kernel == ("fma" if m == 1 else "mma.sync" if m <= 64 else "dot")
         for w in (blocked, plain):
             assert _rel(nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32), ref) < 1e-5, (m, w.blocked)
+            if m == 40:  # Triton's MMA path (the rule sends these rows of a small matrix to mma.sync)
+                for config in (Tiling("dot", 64, 32, 128, 4, 2, 3), Tiling("dot", 16, 16, 64, 4, 1, 3)):
+                    out = nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32, config=config)
+                    assert _rel(out, ref) < 1e-5, (config, w.blocked)
     with pytest.raises(ValueError, match="a blocked weight"):
         nvfp4_linear(x[:3], plain, config=Tiling("mma.sync", 8, 16, 256, 1, 1))
     with pytest.raises(ValueError, match="N a multiple of 16 and K of 128, not 24 x 512"):
