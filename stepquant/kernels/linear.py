@@ -89,8 +89,8 @@ def _scale_ptx(byte: str, ss: str) -> str:
 # (and 4) are in place (one AND), 1 (and 5) one shift away with their sign (two instructions), 2, 3 (6, 7) need
 # separate shifts for sign and magnitude (four): 11 instructions a word instead of 15 (BENCHMARKS.md, fourteenth
 # session).
-_BLOCKED_MAG = (6, 0, 3, 11, 22, 16, 19, 27)
-_BLOCKED_SIGN = (15, 9, 10, 14, 31, 25, 26, 30)
+_BLOCKED_MAG = tl.constexpr((6, 0, 3, 11, 22, 16, 19, 27))
+_BLOCKED_SIGN = tl.constexpr((15, 9, 10, 14, 31, 25, 26, 30))
 
 
 def _pairs_ptx(word: str, p: list[str], ss: str | None, blocked: bool = False) -> str:
@@ -163,9 +163,7 @@ def _weight_pairs(words, sfb, ASM: tl.constexpr, ADJACENT: tl.constexpr = False,
 def _bf16_bits(words, j: tl.constexpr, sf, BLOCKED: tl.constexpr = False):
     """bf16 bits (int32) of element j of each word (BLOCKED: bits moved, see _BLOCKED_MAG) x sf (exact in bf16)."""
     if BLOCKED:
-        mag: tl.constexpr = (6 if j % 4 == 0 else 0 if j % 4 == 1 else 3 if j % 4 == 2 else 11) + 16 * (j // 4)
-        sign: tl.constexpr = (15 if j % 4 == 0 else 9 if j % 4 == 1 else 10 if j % 4 == 2 else 14) + 16 * (j // 4)
-        code = ((words >> mag) & 7) | (((words >> sign) & 1) << 3)
+        code = ((words >> _BLOCKED_MAG[j]) & 7) | (((words >> _BLOCKED_SIGN[j]) & 1) << 3)
     else:
         code = (words >> (4 * j)) & 15
     v = _fp4_bits_to_f32(code) * sf
@@ -514,8 +512,8 @@ def _nvfp4_mma_sync_kernel(
     a multiple of 16 TR, K_PER_SPLIT of 256 KW (ODD: of 128 KW, a warp's range may be an odd number of steps): W
     warps, W / KW groups of 16 TR weight rows, through mma.sync (see above). KW > 1: the KW warps of a group each take
     an equal part of the program's K range, their sums added in shared memory at the end by SUM (_warp_sum_ptx, one
-    barrier; no global parts, no second pass); then every K range must be full. PX: each step loads the next step's activations too (more registers, no
-    wait on them). Under the interpreter the same tiles through tl.dot."""
+    barrier; no global parts, no second pass); then every K range must be full. PX: each step loads the next step's
+    activations too (more registers, no wait on them). Under the interpreter the same tiles through tl.dot."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     tok0 = tl.program_id(2) * (8 * TN)  # more tokens than a program's 8 TN: each group of them in its own programs
@@ -644,7 +642,7 @@ def _blocked_codes(t: torch.Tensor) -> torch.Tensor:
     each word's bits moved to _BLOCKED_MAG / _BLOCKED_SIGN."""
     w = t.contiguous().view(torch.int32)
     out = torch.zeros_like(w)
-    for e, (mag, sign) in enumerate(zip(_BLOCKED_MAG, _BLOCKED_SIGN)):
+    for e, (mag, sign) in enumerate(zip(_BLOCKED_MAG.value, _BLOCKED_SIGN.value)):
         out |= ((w >> (4 * e)) & 7) << mag
         out |= ((w >> (4 * e + 3)) & 1) << sign
     return out.view(torch.uint8)
@@ -833,9 +831,10 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
             M, N, K, per_split, a.stride(0), out.stride(0), split)  # fmt: skip
     if kernel == "mma.sync":
         step, load = _MMA_SYNC_PTX[tr, bm // 8, ahead]
-        _nvfp4_mma_sync_kernel[grid[0], grid[2], grid[1]](*args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, TR=tr, TN=bm // 8, STEP=step,
-                                          LOAD=load, KW=kw, PX=ahead, ODD=bk == 128, SUM=_warp_sum_ptx(4 * tr * bm // 8, warps, kw) if kw > 1 else "",
-                                          num_warps=warps, num_stages=1)  # fmt: skip
+        summed = _warp_sum_ptx(4 * tr * bm // 8, warps, kw) if kw > 1 else ""
+        _nvfp4_mma_sync_kernel[grid[0], grid[2], grid[1]](  # programs: rows, K splits, token groups
+            *args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, TR=tr, TN=bm // 8, STEP=step, LOAD=load, KW=kw,
+            PX=ahead, ODD=bk == 128, SUM=summed, num_warps=warps, num_stages=1)  # fmt: skip
     else:
         _nvfp4_gemv_kernel[grid](*args, ALPHA_IDX=idx, ASM=not interpreting(), EVEN_N=N % bn == 0, BM=bm, BN=bn, BK=bk,
                                  FMA=kernel == "fma", STAGES=stages, BLOCKED=w.blocked, num_warps=warps, num_stages=stages)  # fmt: skip
