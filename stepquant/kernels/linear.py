@@ -384,16 +384,18 @@ def _x_loads_ptx(TN: int, x: list[str], xa: list[str], pred: str = "") -> list[s
             for n in range(TN) for v in range(4)]  # fmt: skip
 
 
-def _mma_sync_step_ptx(TR: int, TN: int, px: bool = False) -> str:
+def _mma_sync_step_ptx(TR: int, TN: int, px: bool = False, check: bool = True, sets: int = 1) -> str:
     """One 128-column step of a warp's TR x TN tiles (TR blocks of 16 weight rows, TN groups of 8 tokens). Operands:
     (out) the 4 TR TN accumulators, the next step's 8 TR words and 2 TR scale pairs (px: and 16 TN activation words);
     (in) the accumulators, this step's words (block r: rows g 8r..8r+3, g + 8 8r+4..8r+7) and scale pairs (two bytes:
     blocks 2t, 2t + 1) (px: and activations), the next step's addresses (words, scales), the activation addresses of
     tokens g (+ 8) (px: the next step's, else this step's), the byte stride between the blocks' words, the steps left
-    after this one and the element index. Accumulators of block r and token group n: 4 (r TN + n) ... + 3."""
+    after this one and the element index. Accumulators of block r and token group n: 4 (r TN + n) ... + 3; with two
+    `sets`, 4 (2 (r TN + n) + k % 2) ... + 3 for word k: two chains of MMAs a tile, half as long, added after the loop.
+    Without `check` the step does not check the element index (only for kernels whose warp sum checks it)."""
     ops = iter(f"${i}" for i in range(1000))
     take = lambda n: [next(ops) for _ in range(n)]  # noqa: E731
-    n_c, n_x = 4 * TR * TN, 16 * TN if px else 0
+    n_c, n_x = 4 * sets * TR * TN, 16 * TN if px else 0
     c, nw, ns, nx = take(n_c), take(8 * TR), take(2 * TR), take(n_x)
     c_in, w, s, x = take(n_c), take(8 * TR), take(2 * TR), take(n_x)
     (wa, sa), xa, (tw, left, elem) = take(2), take(TN), take(3)
@@ -418,12 +420,14 @@ def _mma_sync_step_ptx(TR: int, TN: int, px: bool = False) -> str:
             for r in range(TR):
                 q = [f"q{32 * r + 4 * k + 2 * h}", f"q{32 * r + 16 + 4 * k + 2 * h}", f"q{32 * r + 4 * k + 2 * h + 1}", f"q{32 * r + 16 + 4 * k + 2 * h + 1}"]
                 for n in range(TN):
-                    acc = c[4 * (r * TN + n) : 4 * (r * TN + n) + 4]
-                    acc_in = c_in[4 * (r * TN + n) : 4 * (r * TN + n) + 4] if k == h == 0 else acc
+                    a = sets * (r * TN + n) + k % sets  # this MMA's accumulator set
+                    acc = c[4 * a : 4 * a + 4]
+                    acc_in = c_in[4 * a : 4 * a + 4] if h == 0 and k < sets else acc
                     out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{', '.join(acc)}}}, {{{', '.join(q)}}}, "
                                f"{{b{2 * n}, b{2 * n + 1}}}, {{{', '.join(acc_in)}}};")  # fmt: skip
-    out.append(f"mov.u32 tx, %tid.x; setp.ne.u32 bad, tx, {elem};")
-    out += [f"@bad mov.b32 {r}, 0x7FC00000;" for r in c]
+    if check:
+        out.append(f"mov.u32 tx, %tid.x; setp.ne.u32 bad, tx, {elem};")
+        out += [f"@bad mov.b32 {r}, 0x7FC00000;" for r in c]
     return "\n".join(out + ["}"])
 
 
@@ -438,9 +442,22 @@ def _mma_sync_load_ptx(TR: int, TN: int, px: bool = False) -> str:
     return out
 
 
-# (TR, TN, activations ahead) -> the step's and the first load's PTX
-_MMA_SYNC_PTX = {(tr, tn, px): (_mma_sync_step_ptx(tr, tn, px), _mma_sync_load_ptx(tr, tn, px))
-                 for tr in (1, 2) for tn in (1, 2) for px in (False, True)}  # fmt: skip
+def _sets(tr: int, px: bool) -> int:
+    """Accumulator sets of the mma.sync step: two for 2 x 2 tiles with activations ahead, whose MMA chains were the
+    longest wait (BENCHMARKS.md, fifteenth session: either change alone was slower, both together faster)."""
+    return 2 if tr == 2 and px else 1
+
+
+@functools.cache
+def _sets_sum_ptx(nc: int) -> str:
+    """PTX: nc accumulators from their two sets (operands: out nc sums; in the 2 nc accumulators, set by set a tile)."""
+    return "\n".join(f"add.f32 ${4 * i + j}, ${nc + 8 * i + j}, ${nc + 8 * i + 4 + j};" for i in range(nc // 4) for j in range(4))
+
+
+# (TR, TN, activations ahead, the step checks the element index) -> the step's and the first load's PTX; 2 x 2 tiles
+# with activations ahead keep two accumulator sets (_sets)
+_MMA_SYNC_PTX = {(tr, tn, px, check): (_mma_sync_step_ptx(tr, tn, px, check, _sets(tr, px)), _mma_sync_load_ptx(tr, tn, px))
+                 for tr in (1, 2) for tn in (1, 2) for px in (False, True) for check in (False, True)}  # fmt: skip
 
 
 @functools.cache
@@ -473,12 +490,12 @@ def _i64(p):
 
 @triton.jit
 def _mma_sync_step(c, w, wp, sp, xp, d, left, elem, tw, TR: tl.constexpr, TN: tl.constexpr, STEP: tl.constexpr,
-                   PX: tl.constexpr = False):  # fmt: skip
+                   PX: tl.constexpr = False, SETS: tl.constexpr = 1):  # fmt: skip
     """The step at column offset d (relative to the split's start): accumulators c and this step's words w (tuples;
     PX: its activations too) -> the accumulators and the next step's words (TR blocks on: 256 TR words and 128 TR scale
     bytes; PX: and activations)."""
     e = d + 128
-    n_c: tl.constexpr = 4 * TR * TN
+    n_c: tl.constexpr = 4 * SETS * TR * TN
     n_w: tl.constexpr = 10 * TR + 16 * TN if PX else 10 * TR
     xd = e if PX else d  # PX: the next step's activations are loaded, else this step's
     xa = (_i64(xp[0] + xd),) if TN == 1 else (_i64(xp[0] + xd), _i64(xp[1] + xd))
@@ -507,13 +524,15 @@ def _nvfp4_mma_sync_kernel(
     a_ptr, w_ptr, sf_ptr, out_ptr, part_ptr, count_ptr, scalars_ptr, M, N, K, K_PER_SPLIT, stride_am, stride_om, SPLIT,
     ALPHA_IDX: tl.constexpr, ASM: tl.constexpr, W: tl.constexpr, TR: tl.constexpr, TN: tl.constexpr, STEP: tl.constexpr,
     LOAD: tl.constexpr, KW: tl.constexpr = 1, PX: tl.constexpr = False, ODD: tl.constexpr = False, SUM: tl.constexpr = "",
+    SETS: tl.constexpr = 1, SETS_SUM: tl.constexpr = "",
 ):  # fmt: skip
     """out[M, N] = alpha * a[M, K] @ W.T (8 TN rows a program, more in groups along the grid's third axis), W blocked, N
     a multiple of 16 TR, K_PER_SPLIT of 256 KW (ODD: of 128 KW, a warp's range may be an odd number of steps): W
     warps, W / KW groups of 16 TR weight rows, through mma.sync (see above). KW > 1: the KW warps of a group each take
     an equal part of the program's K range, their sums added in shared memory at the end by SUM (_warp_sum_ptx, one
     barrier; no global parts, no second pass); then every K range must be full. PX: each step loads the next step's
-    activations too (more registers, no wait on them). Under the interpreter the same tiles through tl.dot."""
+    activations too (more registers, no wait on them). SETS: accumulator sets (_sets), added by SETS_SUM after the
+    loop. Under the interpreter the same tiles through tl.dot."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     tok0 = tl.program_id(2) * (8 * TN)  # more tokens than a program's 8 TN: each group of them in its own programs
@@ -546,14 +565,17 @@ def _nvfp4_mma_sync_kernel(
         else:
             w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * TR) + "l,l,r", [_i64(wp), _i64(sp), tw],
                                           dtype=(tl.int32,) * (10 * TR), is_pure=False, pack=1)  # fmt: skip
-        c = (tl.zeros((32 * W,), dtype=tl.float32),) * (4 * TR * TN)
+        c = (tl.zeros((32 * W,), dtype=tl.float32),) * (4 * SETS * TR * TN)
         for d in range(0, span, 256):  # two steps a turn: two register sets, so a load is first used a step later
-            c, v = _mma_sync_step(c, w, wp, sp, xp, d, (span - d) // 128 - 1, elem, tw, TR, TN, STEP, PX)
+            c, v = _mma_sync_step(c, w, wp, sp, xp, d, (span - d) // 128 - 1, elem, tw, TR, TN, STEP, PX, SETS)
             if ODD:  # an odd number of steps: the last turn has one
                 if d + 128 < span:
-                    c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, TN, STEP, PX)
+                    c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, TN, STEP, PX, SETS)
             else:
-                c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, TN, STEP, PX)
+                c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, TN, STEP, PX, SETS)
+        if SETS == 2:
+            c = tl.inline_asm_elementwise(SETS_SUM, "=f," * (4 * TR * TN) + "f," * (8 * TR * TN - 1) + "f", c,
+                                          dtype=(tl.float32,) * (4 * TR * TN), is_pure=True, pack=1)  # fmt: skip
         if KW > 1:  # the group's warps' sums, added in shared memory; warp j of a group stores the fragments j, j + KW..
             c = tl.inline_asm_elementwise(SUM, "=&f," * (4 * TR * TN) + "f," * (4 * TR * TN) + "r", c + (elem,),
                                           dtype=(tl.float32,) * (4 * TR * TN), is_pure=False, pack=1)  # fmt: skip
@@ -736,7 +758,8 @@ def _shared_k(m: int, n: int, k: int) -> Tiling | None:
     groups, each in its own programs on the same weights (the later groups' reads mostly hit L2). From H100 sweeps
     (BENCHMARKS.md, twelfth to fourteenth sessions):
     - matrices of 2^24 weights and more: 9-16 rows in 2 x 2 tiles (32 rows a program), 4 warps where that makes 1024
-      warps, else 8; more rows: None (Triton's MMA kernel);
+      warps, else 8, activations ahead (and two accumulator sets) where all 1024 or fewer are resident at once; more
+      rows: None (Triton's MMA kernel);
     - else 1 x 1 tiles (16 rows a program) in groups of 8 tokens, warps doubled until there are 2048 or a warp's range
       would fall under four 128-column steps (at most 16 warps); activations are loaded a step ahead where all the
       groups' warps are resident at once (2048 or fewer), and beyond 16 rows, where they are not, 2 x 2 tiles with 8
@@ -749,7 +772,8 @@ def _shared_k(m: int, n: int, k: int) -> Tiling | None:
     if n * k >= 1 << 24 and m > 8:
         if m > 16 or n % 32:
             return None
-        tr, warps, ahead = 2, (4 if triton.cdiv(n, 32) * 4 >= 1024 else 8), False  # 2 x 2 tiles
+        tr, warps = 2, (4 if triton.cdiv(n, 32) * 4 >= 1024 else 8)  # 2 x 2 tiles
+        ahead = triton.cdiv(n, 32) * warps <= 1024  # with two accumulator sets: 217 registers, all resident at once
     else:
         programs, tr, warps = triton.cdiv(n, 16), 1, 1
         while warps < 16 and programs * warps < 2048 and k // (2 * warps) >= 512:
@@ -830,11 +854,15 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     args = (a, w.weight.view(torch.int32), w.weight_scale.view(torch.int32), out, parts, counters, w.scalars,
             M, N, K, per_split, a.stride(0), out.stride(0), split)  # fmt: skip
     if kernel == "mma.sync":
-        step, load = _MMA_SYNC_PTX[tr, bm // 8, ahead]
+        # 2 x 2 tiles whose warps share K leave the element check to the warp sum: 2-5% at 16 rows (BENCHMARKS.md,
+        # fifteenth session); the smaller tiles keep it in the step, where dropping it was slower
+        step, load = _MMA_SYNC_PTX[tr, bm // 8, ahead, not (tr == 2 and bm == 16 and kw > 1)]
         summed = _warp_sum_ptx(4 * tr * bm // 8, warps, kw) if kw > 1 else ""
+        sets = _sets(tr, ahead) if not interpreting() else 1
         _nvfp4_mma_sync_kernel[grid[0], grid[2], grid[1]](  # programs: rows, K splits, token groups
             *args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, TR=tr, TN=bm // 8, STEP=step, LOAD=load, KW=kw,
-            PX=ahead, ODD=bk == 128, SUM=summed, num_warps=warps, num_stages=1)  # fmt: skip
+            PX=ahead, ODD=bk == 128, SUM=summed, SETS=sets, SETS_SUM=_sets_sum_ptx(4 * tr * bm // 8) if sets > 1 else "",
+            num_warps=warps, num_stages=1)  # fmt: skip
     else:
         _nvfp4_gemv_kernel[grid](*args, ALPHA_IDX=idx, ASM=not interpreting(), EVEN_N=N % bn == 0, BM=bm, BN=bn, BK=bk,
                                  FMA=kernel == "fma", STAGES=stages, BLOCKED=w.blocked, num_warps=warps, num_stages=stages)  # fmt: skip

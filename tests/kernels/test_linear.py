@@ -9,6 +9,8 @@ from stepquant.kernels.linear import (
     Tiling,
     _blocked_codes,
     _gemv_blocks,
+    _mma_sync_step_ptx,
+    _warp_sum_ptx,
     dequantize_nvfp4,
     nvfp4_dequantize,
     nvfp4_fake_quantize,
@@ -109,13 +111,15 @@ def test_few_rows_mma_sync_kernel_matches_reference(device, mode, m):
         assert _gemv_blocks(8, 4096, 11264) == Tiling("mma.sync", 8, 16, 128, 8, 1, 1, kwarps=8, ahead=True)  # 11 steps a warp
         assert _gemv_blocks(1, 11264, 4096).ahead is False  # 2816 warps: not all resident with the extra registers
         assert _gemv_blocks(1, 4096, 1280).kernel == "fma"
-        assert _gemv_blocks(16, 8192, 4096) == Tiling("mma.sync", 16, 32, 256, 4, 1, 1, 4)  # 2 x 2 tiles
-        assert _gemv_blocks(16, 4096, 11264) == Tiling("mma.sync", 16, 32, 128, 8, 1, 1, 8)  # 128 row groups: 8 warps
+        assert _gemv_blocks(16, 8192, 4096) == Tiling("mma.sync", 16, 32, 256, 4, 1, 1, 4, True)  # 2 x 2 tiles
+        assert _gemv_blocks(16, 4096, 11264) == Tiling("mma.sync", 16, 32, 128, 8, 1, 1, 8, True)  # 128 row groups: 8 warps
+        assert _gemv_blocks(16, 11264, 4096).ahead is False  # 1408 warps: not all resident with two accumulator sets
         assert _gemv_blocks(16, 1280, 4096) == Tiling("mma.sync", 8, 16, 256, 8, 1, 1, 8, True)  # two token groups
     configs = [None] + [Tiling("mma.sync", 16, 32 * wp, 256, wp, sp) for wp, sp in ((1, 1), (2, 2), (4, 1))]
     configs += [Tiling("mma.sync", 16, 32, 256, 2, 1, kwarps=2), Tiling("mma.sync", 16, 64, 256, 4, 1, kwarps=2)]
     configs += [Tiling("mma.sync", 16, 32, 128, 4, 1, 1, 4, ahead=True), Tiling("mma.sync", 16, 32, 256, 2, 1, 1, 2, ahead=True)]
     configs += [Tiling("mma.sync", 16, 16, 256, 1, 2), Tiling("mma.sync", 16, 16, 128, 4, 1, 1, 4, ahead=True)]  # 1 x 2 tiles
+    configs += [Tiling("mma.sync", 16, 32, 256, 1, 2, ahead=True)]  # 2 x 2, two accumulator sets, no warp sum, K split
     if m <= 8:
         configs += [Tiling("mma.sync", 8, 16 * wp, 256, wp, sp) for wp, sp in ((1, 1), (2, 2), (4, 1))]
         configs += [Tiling("mma.sync", 8, 32, 256, 4, 1, kwarps=2), Tiling("mma.sync", 8, 16, 128, 4, 1, 1, 4, ahead=True)]
@@ -156,6 +160,16 @@ def test_k_shared_by_eight_warps_and_two_row_groups(device, m):
     configs += [Tiling("mma.sync", 8 * tn, 16, 128, 8, 1, 1, 8)]
     for config in configs:
         assert _rel(nvfp4_linear(x, w, out_dtype=torch.float32, config=config), ref) < 1e-5, config
+
+
+def test_unchecked_step_leaves_only_the_element_check_out():
+    """2 x 2 tiles with K shared leave the element check to the warp sum: the step without it differs from the step
+    with it by exactly the check, and the warp sum still has it."""
+    checked, unchecked = _mma_sync_step_ptx(2, 2, False, True).split("\n"), _mma_sync_step_ptx(2, 2, False, False).split("\n")
+    dropped = [line for line in checked if line not in unchecked]
+    assert len(dropped) == 17 and "setp.ne.u32 bad" in dropped[0] and all(d.startswith("@bad mov.b32") for d in dropped[1:])
+    assert [line for line in checked if line not in dropped] == unchecked
+    assert "setp.ne.u32 bad" in _warp_sum_ptx(16, 4, 4)
 
 
 def test_few_rows_unaligned_operands_are_served(device):
