@@ -465,19 +465,24 @@ def _warp_sum_ptx(nc: int, warps: int, kw: int) -> str:
     """PTX: a thread's nc accumulators summed over the kw warps of its row group (warps kw g ... kw g + kw - 1)
     through a static shared buffer, one barrier (Triton's reduction of [32 W] tensors took four a value). The
     buffer holds accumulators 4q ... 4q + 3 of thread x at 16 (32 warps q + x): conflict-free 16-byte accesses.
-    Operands: out the nc sums (every warp of a group gets them); in the accumulators, the element index."""
+    Warp j of a group adds only the fragments it stores (q = j mod kw, as _mma_sync_store's `keep`), the others are
+    zero: 3-4% at 9-16 rows with 8 warps (BENCHMARKS.md, fifteenth session). Operands: out the nc sums; in the
+    accumulators, the element index."""
     lanes = 32 * warps
     acc, out, elem = [f"${nc + i}" for i in range(nc)], [f"${i}" for i in range(nc)], f"${2 * nc}"
-    ptx = ["{", f".shared .align 16 .b8 wsum[{16 * lanes * (nc // 4)}];", ".reg .b32 a, b, tx;", ".reg .f32 v<4>;",
-           ".reg .pred bad;", "mov.u32 tx, %tid.x; mov.u32 a, wsum; shl.b32 b, tx, 4; add.u32 b, a, b;"]
+    ptx = ["{", f".shared .align 16 .b8 wsum[{16 * lanes * (nc // 4)}];", ".reg .b32 a, b, tx, j;", ".reg .f32 v<4>;",
+           ".reg .pred bad, other;", "mov.u32 tx, %tid.x; mov.u32 a, wsum; shl.b32 b, tx, 4; add.u32 b, a, b;"]
     ptx += [f"st.shared.v4.f32 [b+{16 * lanes * q}], {{{', '.join(acc[4 * q : 4 * q + 4])}}};" for q in range(nc // 4)]
-    ptx += ["bar.sync 0;", f"and.b32 b, tx, {-32 * kw}; and.b32 tx, tx, 31; add.u32 b, b, tx; shl.b32 b, b, 4; add.u32 b, a, b;"]
+    ptx += ["bar.sync 0;", f"and.b32 b, tx, {-32 * kw}; and.b32 tx, tx, 31; add.u32 b, b, tx; shl.b32 b, b, 4; add.u32 b, a, b;",
+            f"mov.u32 j, %tid.x; shr.u32 j, j, 5; rem.u32 j, j, {kw};"]  # the warp's place in its group
     for q in range(nc // 4):
         o = out[4 * q : 4 * q + 4]
+        ptx += [f"mov.f32 {r}, 0f00000000;" for r in o] + [f"setp.ne.u32 other, j, {q % kw}; @other bra SKIP{q};"]
         ptx.append(f"ld.shared.v4.f32 {{{', '.join(o)}}}, [b+{16 * lanes * q}];")
         for k in range(1, kw):
             ptx.append(f"ld.shared.v4.f32 {{v0, v1, v2, v3}}, [b+{16 * lanes * q + 512 * k}];")
             ptx += [f"add.f32 {o[j]}, {o[j]}, v{j};" for j in range(4)]
+        ptx.append(f"SKIP{q}:")
     ptx.append(f"mov.u32 tx, %tid.x; setp.ne.u32 bad, tx, {elem};")
     ptx += [f"@bad mov.b32 {r}, 0x7FC00000;" for r in out]
     return "\n".join(ptx + ["}"])
