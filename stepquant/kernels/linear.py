@@ -470,14 +470,14 @@ def _warp_sum_ptx(nc: int, warps: int, kw: int) -> str:
     accumulators, the element index."""
     lanes = 32 * warps
     acc, out, elem = [f"${nc + i}" for i in range(nc)], [f"${i}" for i in range(nc)], f"${2 * nc}"
-    ptx = ["{", f".shared .align 16 .b8 wsum[{16 * lanes * (nc // 4)}];", ".reg .b32 a, b, tx, j;", ".reg .f32 v<4>;",
+    ptx = ["{", f".shared .align 16 .b8 wsum[{16 * lanes * (nc // 4)}];", ".reg .b32 a, b, tx, wj;", ".reg .f32 v<4>;",
            ".reg .pred bad, other;", "mov.u32 tx, %tid.x; mov.u32 a, wsum; shl.b32 b, tx, 4; add.u32 b, a, b;"]
     ptx += [f"st.shared.v4.f32 [b+{16 * lanes * q}], {{{', '.join(acc[4 * q : 4 * q + 4])}}};" for q in range(nc // 4)]
     ptx += ["bar.sync 0;", f"and.b32 b, tx, {-32 * kw}; and.b32 tx, tx, 31; add.u32 b, b, tx; shl.b32 b, b, 4; add.u32 b, a, b;",
-            f"mov.u32 j, %tid.x; shr.u32 j, j, 5; rem.u32 j, j, {kw};"]  # the warp's place in its group
+            f"mov.u32 wj, %tid.x; shr.u32 wj, wj, 5; rem.u32 wj, wj, {kw};"]  # the warp's place in its group
     for q in range(nc // 4):
         o = out[4 * q : 4 * q + 4]
-        ptx += [f"mov.f32 {r}, 0f00000000;" for r in o] + [f"setp.ne.u32 other, j, {q % kw}; @other bra SKIP{q};"]
+        ptx += [f"mov.f32 {r}, 0f00000000;" for r in o] + [f"setp.ne.u32 other, wj, {q % kw}; @other bra SKIP{q};"]
         ptx.append(f"ld.shared.v4.f32 {{{', '.join(o)}}}, [b+{16 * lanes * q}];")
         for k in range(1, kw):
             ptx.append(f"ld.shared.v4.f32 {{v0, v1, v2, v3}}, [b+{16 * lanes * q + 512 * k}];")
