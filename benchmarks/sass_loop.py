@@ -61,9 +61,10 @@ def main() -> None:
     # 2-16 rows: the mma.sync kernel, one loop turn = two 128-column steps of TR x TN tiles a warp
     for tr, tn in ((1, 1), (1, 2), (2, 2)):
         px = True  # activations a step ahead, as the rule mostly picks them (2 x 2: with two accumulator sets)
-        step, load = linear._MMA_SYNC_PTX[tr, tn, px, tr != 2]  # 2 x 2 with KW 4: the warp sum checks
+        step, load = linear._MMA_SYNC_PTX[tr, tn, px, linear._step_checks(tr, tn, 4)]
+        sets = linear._sets(tr, px)
         const = {"ALPHA_IDX": 0, "ASM": True, "W": 4, "TR": tr, "TN": tn, "STEP": step, "LOAD": load, "KW": 4, "PX": px, "ODD": False,
-                 "SUM": linear._warp_sum_ptx(4 * tr * tn, 4, 4), "SETS": linear._sets(tr, px), "SETS_SUM": linear._sets_sum_ptx(4 * tr * tn) if linear._sets(tr, px) > 1 else ""}
+                 "SUM": linear._warp_sum_ptx(4 * tr * tn, 4, 4), "SETS": sets, "SETS_SUM": linear._sets_sum_ptx(4 * tr * tn) if sets > 1 else ""}
         k = compile_sm90(linear._nvfp4_mma_sync_kernel, SIG, const, 4, 1)
         print(f"| {8 * tn} (mma.sync, {tr} x {tn} tiles) | {16 * tr} | 256 | 4 | {_summary(hot_loop(k.asm['cubin']), 128 * tr)} |")
 

@@ -454,6 +454,13 @@ def _sets_sum_ptx(nc: int) -> str:
     return "\n".join(f"add.f32 ${4 * i + j}, ${nc + 8 * i + j}, ${nc + 8 * i + 4 + j};" for i in range(nc // 4) for j in range(4))
 
 
+def _step_checks(tr: int, tn: int, kw: int) -> bool:
+    """Whether the mma.sync step checks the element index itself. 2 x 2 tiles whose warps share K leave it to the warp
+    sum (_warp_sum_ptx): 2-5% at 16 rows (BENCHMARKS.md, fifteenth session); the smaller tiles keep it in the step,
+    where dropping it was slower."""
+    return not (tr == 2 and tn == 2 and kw > 1)
+
+
 # (TR, TN, activations ahead, the step checks the element index) -> the step's and the first load's PTX; 2 x 2 tiles
 # with activations ahead keep two accumulator sets (_sets)
 _MMA_SYNC_PTX = {(tr, tn, px, check): (_mma_sync_step_ptx(tr, tn, px, check, _sets(tr, px)), _mma_sync_load_ptx(tr, tn, px))
@@ -859,11 +866,9 @@ def nvfp4_linear(x: torch.Tensor, w: NVFP4Weight, mode: str = "w4a16", out_dtype
     args = (a, w.weight.view(torch.int32), w.weight_scale.view(torch.int32), out, parts, counters, w.scalars,
             M, N, K, per_split, a.stride(0), out.stride(0), split)  # fmt: skip
     if kernel == "mma.sync":
-        # 2 x 2 tiles whose warps share K leave the element check to the warp sum: 2-5% at 16 rows (BENCHMARKS.md,
-        # fifteenth session); the smaller tiles keep it in the step, where dropping it was slower
-        step, load = _MMA_SYNC_PTX[tr, bm // 8, ahead, not (tr == 2 and bm == 16 and kw > 1)]
+        step, load = _MMA_SYNC_PTX[tr, bm // 8, ahead, _step_checks(tr, bm // 8, kw)]
         summed = _warp_sum_ptx(4 * tr * bm // 8, warps, kw) if kw > 1 else ""
-        sets = _sets(tr, ahead) if not interpreting() else 1
+        sets = _sets(tr, ahead)
         _nvfp4_mma_sync_kernel[grid[0], grid[2], grid[1]](  # programs: rows, K splits, token groups
             *args, ALPHA_IDX=idx, ASM=not interpreting(), W=warps, TR=tr, TN=bm // 8, STEP=step, LOAD=load, KW=kw,
             PX=ahead, ODD=bk == 128, SUM=summed, SETS=sets, SETS_SUM=_sets_sum_ptx(4 * tr * bm // 8) if sets > 1 else "",
