@@ -20,6 +20,7 @@ SHAPE_SETS: dict[str, dict[str, tuple[int, int]]] = {
     "step3p7": {
         "attn q (full) 8192x4096": (8192, 4096),
         "attn k/v 1024x4096": (1024, 4096),
+        "attn qkv fused 10240x4096": (10240, 4096),  # q, k and v as one GEMM, as vLLM and SGLang run them
         "attn o 4096x8192": (4096, 8192),
         "dense up 11264x4096": (11264, 4096),
         "dense down 4096x11264": (4096, 11264),
