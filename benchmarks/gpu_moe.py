@@ -13,15 +13,13 @@ from pathlib import Path
 import torch
 
 from stepquant.bench import bench_moe, bench_quantize, copy_bandwidth, graph_time, step_moe_layer
-from stepquant.kernels.moe import fused_moe
+from stepquant.kernels.moe import Decode, fused_moe
 
-# (BM, BN, BK, warps[, stages[, down BN]]); BM = 1: each routed pair alone through the one-row kernel
-CONFIGS = [(16, 64, 128, 4), (1, 16, 256, 2, 4), (1, 16, 256, 2, 6), (1, 32, 256, 4, 4), (1, 16, 128, 2, 4),
-           (1, 8, 256, 2, 6), (1, 16, 256, 2, 4, 16), (1, 16, 256, 2, 4, 8), (1, 16, 256, 2, 6, 8), (1, 16, 256, 2, 8, 8),
-           (1, 16, 128, 2, 8, 8), (1, 16, 256, 4, 6, 8), (1, 32, 256, 4, 6, 8), (1, 16, 512, 2, 4, 8)]
+# decode: Decode(warps on gate_up's K, gate_up's activations ahead, down's); routed: (BM, BN, BK, warps)
+CONFIGS = [Decode(w, a, d) for w in (1, 2, 4, 8) for a in (False, True) for d in (False, True)] + [(16, 64, 128, 4)]
 
 
-def sweep(gu, dn, tokens=(1, 8, 16, 32)) -> list[dict]:
+def sweep(gu, dn, tokens=(1, 8, 16, 32, 64)) -> list[dict]:
     rows = []
     hidden = gu.shape[2]
     for t in tokens:
@@ -49,7 +47,7 @@ def main() -> None:
     print(f"NVFP4 weight quantization, 64 Step experts: {q['ms']:.3f} ms, {q['tb_s']:.2f} TB/s, {q['pct_copy']:.0f}% of copy")
     (gu, dn), _ = step_moe_layer(with_bf16=False)
     sw = sweep(gu, dn)
-    print("\n| tokens | (BM, BN, BK, warps[, stages[, down BN]]) | ms |\n|---|---|---|")
+    print("\n| tokens | config | ms |\n|---|---|---|")
     for r in sw:
         print(f"| {r['tokens']} | {r['config']} | {r['ms']:.4f} |" if "ms" in r else f"| {r['tokens']} | {r['config']} | {r['error']} |")
     del gu, dn

@@ -230,17 +230,11 @@ def _load_words(w_ptr, sf_ptr, rows, rmask, k0, K, BK: tl.constexpr, BLOCKED: tl
 
 
 @triton.jit
-def _scale_bytes(sw, BN: tl.constexpr, BK: tl.constexpr, P: tl.constexpr = 0):
-    """Scale words [BN, BK/64] -> each weight word's scale byte [BN, BK/8] (block j: byte j % 4); with P, the same
-    for [P, BN, BK/64] -> [P, BN, BK/8]."""
+def _scale_bytes(sw, BN: tl.constexpr, BK: tl.constexpr):
+    """Scale words [BN, BK/64] -> each weight word's scale byte [BN, BK/8] (block j: byte j % 4)."""
     NB: tl.constexpr = BK // 16
-    if P:
-        sfb = tl.reshape((sw[:, :, :, None] >> (tl.arange(0, 4) * 8)[None, None, None, :]) & 0xFF, (P, BN, NB))
-        sfb = tl.reshape(tl.broadcast_to(sfb[:, :, :, None], (P, BN, NB, 2)), (P, BN, 2 * NB))
-    else:
-        sfb = tl.reshape((sw[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF, (BN, NB))
-        sfb = tl.reshape(tl.broadcast_to(sfb[:, :, None], (BN, NB, 2)), (BN, 2 * NB))
-    return sfb
+    sfb = tl.reshape((sw[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF, (BN, NB))
+    return tl.reshape(tl.broadcast_to(sfb[:, :, None], (BN, NB, 2)), (BN, 2 * NB))
 
 
 @triton.jit
@@ -250,14 +244,10 @@ def _x_pairs(row_ptr, k0, BK: tl.constexpr):
 
 
 @triton.jit
-def _word_dots(acc, words, sf, xw, ASM: tl.constexpr, ROWS3: tl.constexpr = False, BLOCKED: tl.constexpr = False):
+def _word_dots(acc, words, sf, xw, ASM: tl.constexpr, BLOCKED: tl.constexpr = False):
     """acc [BN, BK/8] + weight words [BN, BK/8] (their scale operands alike; BLOCKED: a blocked weight's) times one
-    row of activations (`_x_pairs`, [BK/2]): each word's 8 products (scale included) added in fp32, one FMA each.
-    ROWS3: acc and words [P, BN, BK/8], a row of activations [P, BK/2] for each P."""
-    if ROWS3:
-        q02, q13 = tl.split(tl.reshape(xw, (xw.shape[0], 1, xw.shape[1] // 4, 2, 2)))
-    else:
-        q02, q13 = tl.split(tl.reshape(xw, (1, xw.shape[0] // 4, 2, 2)))  # pair q of a word: elements 2q, 2q + 1
+    row of activations (`_x_pairs`, [BK/2]): each word's 8 products (scale included) added in fp32, one FMA each."""
+    q02, q13 = tl.split(tl.reshape(xw, (1, xw.shape[0] // 4, 2, 2)))  # pair q of a word: elements 2q, 2q + 1
     q0, q2 = tl.split(q02)
     q1, q3 = tl.split(q13)
     r0, r1, r2, r3 = _weight_pairs(words, sf, ASM, BLOCKED=BLOCKED)  # pair j: elements (j, j + 4)
@@ -468,13 +458,13 @@ _MMA_SYNC_PTX = {(tr, tn, px, check): (_mma_sync_step_ptx(tr, tn, px, check, _se
 
 
 @functools.cache
-def _warp_sum_ptx(nc: int, warps: int, kw: int) -> str:
+def _warp_sum_ptx(nc: int, warps: int, kw: int, spread: bool = True) -> str:
     """PTX: a thread's nc accumulators summed over the kw warps of its row group (warps kw g ... kw g + kw - 1)
     through a static shared buffer, one barrier (Triton's reduction of [32 W] tensors took four a value). The
     buffer holds accumulators 4q ... 4q + 3 of thread x at 16 (32 warps q + x): conflict-free 16-byte accesses.
-    Warp j of a group adds only the fragments it stores (q = j mod kw, as _mma_sync_store's `keep`), the others are
-    zero: 3-4% at 9-16 rows with 8 warps (BENCHMARKS.md, fifteenth session). Operands: out the nc sums; in the
-    accumulators, the element index."""
+    Warp j of a group adds only the fragments it stores (q = j mod kw, as _mma_sync_store's `keep`; without
+    `spread`, warp 0 all of them), the others are zero: 3-4% at 9-16 rows with 8 warps (BENCHMARKS.md, fifteenth
+    session). Operands: out the nc sums; in the accumulators, the element index."""
     lanes = 32 * warps
     acc, out, elem = [f"${nc + i}" for i in range(nc)], [f"${i}" for i in range(nc)], f"${2 * nc}"
     ptx = ["{", f".shared .align 16 .b8 wsum[{16 * lanes * (nc // 4)}];", ".reg .b32 a, b, tx, wj;", ".reg .f32 v<4>;",
@@ -484,7 +474,7 @@ def _warp_sum_ptx(nc: int, warps: int, kw: int) -> str:
             f"mov.u32 wj, %tid.x; shr.u32 wj, wj, 5; rem.u32 wj, wj, {kw};"]  # the warp's place in its group
     for q in range(nc // 4):
         o = out[4 * q : 4 * q + 4]
-        ptx += [f"mov.f32 {r}, 0f00000000;" for r in o] + [f"setp.ne.u32 other, wj, {q % kw}; @other bra SKIP{q};"]
+        ptx += [f"mov.f32 {r}, 0f00000000;" for r in o] + [f"setp.ne.u32 other, wj, {q % kw if spread else 0}; @other bra SKIP{q};"]
         ptx.append(f"ld.shared.v4.f32 {{{', '.join(o)}}}, [b+{16 * lanes * q}];")
         for k in range(1, kw):
             ptx.append(f"ld.shared.v4.f32 {{v0, v1, v2, v3}}, [b+{16 * lanes * q + 512 * k}];")
@@ -679,6 +669,22 @@ def _blocked_codes(t: torch.Tensor) -> torch.Tensor:
     for e, (mag, sign) in enumerate(zip(_BLOCKED_MAG.value, _BLOCKED_SIGN.value)):
         out |= ((w >> (4 * e)) & 7) << mag
         out |= ((w >> (4 * e + 3)) & 1) << sign
+    return out.view(torch.uint8)
+
+
+def _from_blocks(t: torch.Tensor, width: int) -> torch.Tensor:
+    """The inverse of _to_blocks: rows of `width`-byte blocks back to row-major bytes."""
+    n, c = t.shape
+    return t.reshape(n // 16, c // width, 16, width).transpose(1, 2).reshape(n, c)
+
+
+def _unblocked_codes(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of _blocked_codes: each word's bits back in the checkpoint's nibbles."""
+    w = t.contiguous().view(torch.int32)
+    out = torch.zeros_like(w)
+    for e, (mag, sign) in enumerate(zip(_BLOCKED_MAG.value, _BLOCKED_SIGN.value)):
+        out |= ((w >> mag) & 7) << (4 * e)
+        out |= ((w >> sign) & 1) << (4 * e + 3)
     return out.view(torch.uint8)
 
 

@@ -4,11 +4,14 @@ the SwiGLU (Step clamp optional) in its epilogue, one for down with the routing 
 Experts are NVFP4 (`w4a16`: BF16 activations; `w4a4`: activations quantized with Blackwell's recipe, the
 SwiGLU output re-quantized with the down input scale), FP8 (static per-tensor activations, W8A8 emulated
 exactly on the BF16 MMA) or BF16. One activation scale per projection and layer: the max over experts.
+NVFP4 experts are stored in the linear's blocks; at decode (up to 16 tokens at top-8) they skip the routing and run
+through the linear's mma.sync step, one program per pair (gate_up) and per token (down, with the combine).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -16,7 +19,9 @@ import triton.language as tl
 
 from . import interpreting
 from .quantize import _bf16_rne, _e4m3_rne
-from .linear import _e4m3_value, _fit, _load_words, _mma_t, _nvfp4_tile, _nvfp4_values, _scale_bytes, _word_dots, _x_pairs, blackwell_activations, dequantize_nvfp4, nvfp4_fake_quantize
+from .linear import (_MMA_SYNC_PTX, _blocked_codes, _e4m3_value, _fit, _from_blocks, _i64, _mma_sync_step, _mma_sync_store, _mma_t, _nvfp4_tile,
+                     _sets, _sets_sum_ptx, _step_checks, _to_blocks, _unblocked_codes, _warp_sum_ptx, blackwell_activations,
+                     dequantize_nvfp4, nvfp4_fake_quantize)  # fmt: skip
 
 WFMTS = {"bf16": 1, "fp8": 2}  # the reference kernel's weight formats
 
@@ -25,17 +30,27 @@ WFMTS = {"bf16": 1, "fp8": 2}  # the reference kernel's weight formats
 class Experts:
     """One stacked projection of a layer's experts on the device: weight [E, N, K] (NVFP4 packed
     [E, N, K/2] with E4M3 scales [E, N, K/16]; FP8 as uint8 bits), and per-expert fp32 scalars
-    [E, 4] = (weight scale, input_scale x weight scale, 1 / input_scale, input_scale)."""
+    [E, 4] = (weight scale, input_scale x weight scale, 1 / input_scale, input_scale). `blocked`: each NVFP4 expert
+    in NVFP4Weight's blocks (the decode kernels need them)."""
 
     fmt: str
     weight: torch.Tensor
     weight_scale: torch.Tensor | None
     scalars: torch.Tensor
+    blocked: bool = False
 
     @classmethod
     def nvfp4(cls, weight, weight_scale, weight_scale_2, input_scale=None) -> Experts:
-        return cls("nvfp4", weight.contiguous(), weight_scale.contiguous().view(torch.uint8),
-                   _scalars(weight_scale_2, input_scale, weight.shape[0], weight.device))  # fmt: skip
+        """Blocked wherever N is a multiple of 16 and K of 128 (one copy of the weight; the blocks of 16 rows never
+        straddle two experts)."""
+        e, n, c = weight.shape
+        weight_scale = weight_scale.view(torch.uint8)
+        blocked = n % 16 == 0 and c % 64 == 0
+        if blocked:
+            weight = _blocked_codes(_to_blocks(weight.reshape(e * n, c), 64)).view(e, n, c)
+            weight_scale = _to_blocks(weight_scale.reshape(e * n, c // 8), 8).view(e, n, c // 8)
+        return cls("nvfp4", weight.contiguous(), weight_scale.contiguous(),
+                   _scalars(weight_scale_2, input_scale, e, weight.device), blocked)  # fmt: skip
 
     @classmethod
     def fp8(cls, weight, weight_scale, input_scale) -> Experts:
@@ -56,7 +71,10 @@ class Experts:
         """Expert e's fp64 [N, K] weight values times its weight scale (plain torch, for the reference)."""
         s = self.scalars[e, 0].double()
         if self.fmt == "nvfp4":
-            return dequantize_nvfp4(self.weight[e], self.weight_scale[e].view(torch.float8_e4m3fn), 1.0) * s
+            w, sf = self.weight[e], self.weight_scale[e]
+            if self.blocked:  # the checkpoint's bytes back (plain torch)
+                w, sf = _unblocked_codes(_from_blocks(w, 64)), _from_blocks(sf, 8)
+            return dequantize_nvfp4(w, sf.view(torch.float8_e4m3fn), 1.0) * s
         if self.fmt == "fp8":
             return self.weight[e].view(torch.float8_e4m3fn).double() * s
         return self.weight[e].double()
@@ -140,7 +158,7 @@ def _moe_nvfp4_kernel(
     a_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, ids_ptr, block_expert_ptr, topk_w_ptr,
     N, K, stride_a, TOPK, limit, ALPHA_IDX,
     GATHER: tl.constexpr, GLU: tl.constexpr, HAS_LIMIT: tl.constexpr, WEIGHTED: tl.constexpr,
-    ASM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ASM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCKED: tl.constexpr,
 ):  # fmt: skip
     """`_moe_gemm_kernel` for NVFP4 experts, the way the linear GEMV does it: the expert's rows on the
     MMA's M side, decoded from int32 words into the operand registers, the routed pairs on N;
@@ -157,9 +175,9 @@ def _moe_nvfp4_kernel(
     acc_up = tl.zeros((BN, BM), dtype=tl.float32)
     for k0 in range(0, K, BK):
         a = tl.load(a_ptr + rows[:, None] * stride_a + k0 + tl.arange(0, BK)[None, :], mask=valid[:, None], other=0.0)
-        acc = _mma_t(acc, _nvfp4_tile(w_e, sf_e, rn, nmask, k0, K, ASM, BN, BK), a, ASM)
+        acc = _mma_t(acc, _nvfp4_tile(w_e, sf_e, rn, nmask, k0, K, ASM, BN, BK, BLOCKED), a, ASM)
         if GLU:
-            acc_up = _mma_t(acc_up, _nvfp4_tile(w_e, sf_e, rn + N, nmask, k0, K, ASM, BN, BK), a, ASM)
+            acc_up = _mma_t(acc_up, _nvfp4_tile(w_e, sf_e, rn + N, nmask, k0, K, ASM, BN, BK, BLOCKED), a, ASM)
     y = _epilogue(acc, acc_up, tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0, limit, GLU, HAS_LIMIT)
     if WEIGHTED:
         y = y * tl.load(topk_w_ptr + ids, mask=valid, other=0.0)[None, :]
@@ -167,64 +185,100 @@ def _moe_nvfp4_kernel(
 
 
 @triton.jit
-def _moe_row_gate_up_kernel(
-    a_ptr, w_ptr, sf_ptr, scalars_ptr, down_scalars_ptr, h_ptr, topk_ids_ptr, N, K, stride_a, TOPK, limit, ALPHA_IDX,
-    HAS_LIMIT: tl.constexpr, AQ_OUT: tl.constexpr, ASM: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+def _moe_mma_sync_kernel(
+    a_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, topk_ids_ptr, topk_w_ptr, N, K, stride_a, TOPK, limit, ALPHA_IDX,
+    GLU: tl.constexpr, HAS_LIMIT: tl.constexpr, ASM: tl.constexpr, W: tl.constexpr, P: tl.constexpr,
+    STEP: tl.constexpr, LOAD: tl.constexpr, PX: tl.constexpr, ODD: tl.constexpr, SUM: tl.constexpr,
+    SETS: tl.constexpr, SETS_SUM: tl.constexpr,
 ):  # fmt: skip
-    """Decode, one program per routed pair and BN rows: SwiGLU(gate, up) of the pair's token through its
-    expert, with the one-row GEMV's fp32 products of decoded words (no MMA, no routing: the expert is
-    topk_ids[pair]), STAGES weight tiles in flight. w4a4: AQ_OUT rounds the BN outputs (whole 16-blocks of
-    the intermediate) to their NVFP4 values with down's input scale, so that needs no launch of its own."""
-    pair = tl.program_id(0)
-    e64 = tl.load(topk_ids_ptr + pair).to(tl.int64)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
-    nmask = rn < N
-    w_e = w_ptr + e64 * 2 * N * (K // 8)
-    sf_e = sf_ptr + e64 * 2 * N * (K // 64)
-    xp = a_ptr + (pair // TOPK) * stride_a
-    acc = tl.zeros((BN, BK // 8), dtype=tl.float32)
-    acc_up = tl.zeros((BN, BK // 8), dtype=tl.float32)
-    for k0 in tl.range(0, K, BK, num_stages=STAGES):
-        x = _x_pairs(xp, k0, BK)
-        words, sw = _load_words(w_e, sf_e, rn, nmask, k0, K, BK)
-        acc = _word_dots(acc, words, _scale_bytes(sw, BN, BK), x, ASM)
-        words, sw = _load_words(w_e, sf_e, rn + N, nmask, k0, K, BK)
-        acc_up = _word_dots(acc_up, words, _scale_bytes(sw, BN, BK), x, ASM)
-    alpha = tl.load(scalars_ptr + e64 * 4 + ALPHA_IDX) * 256.0
-    y = _epilogue(tl.sum(acc, 1), tl.sum(acc_up, 1), alpha, limit, True, HAS_LIMIT)
-    if AQ_OUT:
-        y = tl.reshape(_nvfp4_values(tl.reshape(y, (1, BN // 16, 16)), tl.load(down_scalars_ptr + 2), ASM), (BN,))
-    tl.store(h_ptr + pair * N + rn, y.to(h_ptr.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
-def _moe_row_down_kernel(
-    h_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, topk_ids_ptr, topk_w_ptr, N, K, TOPK, ALPHA_IDX,
-    ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, P: tl.constexpr,
-):  # fmt: skip
-    """Decode, one program per token and BN output columns: the down projections of all the token's TOPK pairs at
-    once ([P, BN, BK/8] word tiles, P = TOPK rounded up to a power of two), each pair's sum times alpha and its
-    routing weight, added over the pairs in a fixed order."""
-    t = tl.program_id(0)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
-    nmask = rn < N
-    pj = tl.arange(0, P)
-    pvalid = pj < TOPK
-    pair = t * TOPK + tl.minimum(pj, TOPK - 1)
-    e64 = tl.load(topk_ids_ptr + pair).to(tl.int64)
-    coef = tl.where(pvalid, tl.load(scalars_ptr + e64 * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair), 0.0)
-    wrow = ((e64 * N)[:, None] + rn[None, :])[:, :, None]  # [P, BN, 1]: the rows of the stacked experts
-    mask = (pvalid[:, None] & nmask[None, :])[:, :, None]
-    xrow = h_ptr.to(tl.pointer_type(tl.int32)) + (pair * (K // 2))[:, None]
-    total = tl.zeros((P, BN, BK // 8), dtype=tl.float32)
-    for k0 in tl.range(0, K, BK, num_stages=STAGES):
-        words = tl.load(w_ptr + wrow * (K // 8) + (k0 // 8 + tl.arange(0, BK // 8))[None, None, :], mask=mask, other=0)
-        sw = tl.load(sf_ptr + wrow * (K // 64) + (k0 // 64 + tl.arange(0, BK // 64))[None, None, :], mask=mask, other=0)
-        x = tl.load(xrow + k0 // 2 + tl.arange(0, BK // 2)[None, :])
-        total = _word_dots(total, words, _scale_bytes(sw, BN, BK, P), x, ASM, ROWS3=True)
-    y = tl.sum(tl.sum(total, 2) * coef[:, None], 0)
-    tl.store(out_ptr + t * N + rn, y.to(out_ptr.dtype.element_ty), mask=nmask)
+    """Decode over blocked NVFP4 experts with the linear's mma.sync step (`_nvfp4_mma_sync_kernel`, one token: 7 of
+    the MMA's 8 token columns are padding). GLU (gate_up): program (16 rows, routed pair), 2 x 1 tiles, the gate's
+    block and the up projection's N rows further on, W warps sharing K; warp 0 gets the sums and writes
+    SwiGLU(gate, up) to h[pair]. Else (down): program (16 rows, token), warp j on the token's pair j (W = P, TOPK
+    rounded up to a power of two; warps past TOPK count zero), its sum times alpha and the routing weight, then the
+    warps' sums added in a fixed order in shared memory: the combine, deterministic. Under the interpreter the same
+    sums in fp32 with plain loads."""
+    pid_n = tl.program_id(0)
+    q = tl.program_id(1)  # GLU: the pair; else the token
+    TR: tl.constexpr = 2 if GLU else 1
+    NW = 2 * N if GLU else N  # an expert's weight rows
+    if ASM:
+        elem = tl.arange(0, 32 * W)  # the thread this element must be on
+        j = elem // 32
+        t = elem % 4
+        row = pid_n * 16 + elem % 32 // 4
+        if GLU:
+            e = tl.load(topk_ids_ptr + q).to(tl.int64)
+            xrow = q // TOPK
+            span = K // W
+            kw = j * span
+        else:
+            pair = q * TOPK + tl.minimum(j, TOPK - 1)
+            e = tl.load(topk_ids_ptr + pair).to(tl.int64)
+            xrow = pair
+            span = K
+            kw = j * 0
+        block = (e * (NW // 16) + row // 16) * (K // 128) + kw // 128  # the warp's first block
+        wp = w_ptr + block * 256 + elem % 32 * 4
+        sp = sf_ptr.to(tl.pointer_type(tl.uint8)) + block * 128 + elem % 32 * 2
+        tw = N // 16 * (K // 128) * 1024  # GLU: bytes from the gate's block to the up projection's
+        xp = (a_ptr + xrow.to(tl.int64) * stride_a + kw + 32 * t,)
+        if PX:
+            w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * TR + 16) + "l,l,r,l", [_i64(wp), _i64(sp), tw, _i64(xp[0])],
+                                          dtype=(tl.int32,) * (10 * TR + 16), is_pure=False, pack=1)  # fmt: skip
+        else:
+            w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * TR) + "l,l,r", [_i64(wp), _i64(sp), tw],
+                                          dtype=(tl.int32,) * (10 * TR), is_pure=False, pack=1)  # fmt: skip
+        c = (tl.zeros((32 * W,), dtype=tl.float32),) * (4 * SETS * TR)
+        for d in range(0, span, 256):  # two steps a turn, as in the linear
+            c, v = _mma_sync_step(c, w, wp, sp, xp, d, (span - d) // 128 - 1, elem, tw, TR, 1, STEP, PX, SETS)
+            if ODD:
+                if d + 128 < span:
+                    c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, 1, STEP, PX, SETS)
+            else:
+                c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, 1, STEP, PX, SETS)
+        if SETS == 2:
+            c = tl.inline_asm_elementwise(SETS_SUM, "=f," * (4 * TR) + "f," * (8 * TR - 1) + "f", c,
+                                          dtype=(tl.float32,) * (4 * TR), is_pure=True, pack=1)  # fmt: skip
+        if GLU:
+            alpha = tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0
+        else:  # each warp's pair: alpha x its routing weight
+            alpha = tl.where(j < TOPK, tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair), 0.0)
+            c = (c[0] * alpha, c[1] * alpha, c[2] * alpha, c[3] * alpha)
+        if W > 1:
+            c = tl.inline_asm_elementwise(SUM, "=&f," * (4 * TR) + "f," * (4 * TR) + "r", c + (elem,),
+                                          dtype=(tl.float32,) * (4 * TR), is_pure=False, pack=1)  # fmt: skip
+        if GLU:
+            f = (_epilogue(c[0], c[4], alpha, limit, True, HAS_LIMIT), _epilogue(c[1], c[5], alpha, limit, True, HAS_LIMIT),
+                 _epilogue(c[2], c[6], alpha, limit, True, HAS_LIMIT), _epilogue(c[3], c[7], alpha, limit, True, HAS_LIMIT))  # fmt: skip
+        else:
+            f = (c[0], c[1], c[2], c[3])
+        _mma_sync_store(out_ptr + q * N, f, row, 2 * t, 1, N, N, 1.0, j == 0)
+    else:
+        rn = pid_n * 16 + tl.arange(0, 16)
+        rk = tl.arange(0, 128)
+        if GLU:  # the gate's 16 rows, then the up projection's
+            e = tl.load(topk_ids_ptr + q).to(tl.int64)
+            rows = e * NW + pid_n * 16 + tl.arange(0, 32) % 16 + tl.arange(0, 32) // 16 * N
+            acc = tl.zeros((32,), dtype=tl.float32)
+            for k0 in range(0, K, 128):
+                x = tl.load(a_ptr + (q // TOPK) * stride_a + k0 + rk).to(tl.float32)
+                acc += tl.sum(_nvfp4_tile(w_ptr, sf_ptr, rows, rows >= 0, k0, K, False, 32, 128, BLOCKED=True).to(tl.float32) * x[None, :], 1)
+            gate, up = tl.split(tl.permute(tl.reshape(acc, (2, 16)), (1, 0)))
+            y = _epilogue(gate, up, tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0, limit, True, HAS_LIMIT)
+        else:
+            pj = tl.arange(0, P)
+            pair = q * TOPK + tl.minimum(pj, TOPK - 1)
+            e = tl.load(topk_ids_ptr + pair).to(tl.int64)
+            rows = tl.reshape(e[:, None] * NW + rn[None, :], (P * 16,))
+            acc = tl.zeros((P, 16), dtype=tl.float32)
+            for k0 in range(0, K, 128):
+                x = tl.load(a_ptr + pair[:, None] * stride_a + k0 + rk[None, :]).to(tl.float32)
+                wt = tl.reshape(_nvfp4_tile(w_ptr, sf_ptr, rows, rows >= 0, k0, K, False, P * 16, 128, BLOCKED=True), (P, 16, 128))
+                acc += tl.sum(wt.to(tl.float32) * x[:, None, :], 2)
+            coef = tl.where(pj < TOPK, tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair), 0.0)
+            y = tl.sum(acc * coef[:, None], 0)
+        tl.store(out_ptr + q * N + rn, y.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
@@ -335,14 +389,33 @@ def _modes(experts: Experts, mode: str) -> int:
     return {"w4a16": 0, "w4a4": 1, "w8a8": 2, "bf16": 0}[mode]
 
 
+class Decode(NamedTuple):
+    """The decode kernels' tiling (`_moe_mma_sync_kernel`): warps sharing gate_up's K range (halved until they
+    split it into whole 128-column steps), and whether each kernel loads its activations a step ahead."""
+
+    warps: int = 4
+    ahead: bool = False
+    down_ahead: bool = False
+
+    @classmethod
+    def rule(cls, tokens: int, topk: int, hidden: int, inter: int) -> Decode:
+        """From an H100 sweep at Step shapes (BENCHMARKS.md, seventeenth session): 4 warps on gate_up's K up to 16
+        pairs, one beyond; activations ahead where all of a kernel's warps are resident at once (2048 or fewer), as
+        in the linear's rule."""
+        pairs = tokens * topk
+        warps = 4 if pairs <= 16 else 1
+        return cls(warps, pairs * inter // 16 * warps <= 2048, tokens * hidden // 16 * triton.next_power_of_2(topk) <= 2048)
+
+
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: Experts,
-              down: Experts, mode: str, limit: float | None = None, config: tuple[int, ...] | None = None,
+              down: Experts, mode: str, limit: float | None = None, config: tuple[int, ...] | Decode | None = None,
               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
     """Routed experts of one MoE layer: `sum_j w_j * down_e(SwiGLU(gate_up_e(x)))` for each token's
     top-k experts `e = topk_ids[t, j]` with weights `topk_weights[t, j]`; `limit` is the Step clamp.
     gate_up's rows are the gate then the up projection; x [T, H] -> [T, H] (fp32 keeps the combine's
-    sum unrounded, for checking). `config` = (BM, BN, BK, warps[, stages[, down BN]]) overrides the tiling;
-    BM = 1 (NVFP4, decode) skips the routing: one-row kernels per pair, then per token with the combine."""
+    sum unrounded, for checking). Up to MOE_DECODE_MAX_PAIRS pairs of blocked NVFP4 experts, or with a `Decode`
+    config, the decode kernels run (no routing: one program per pair, then per token with the combine); else the
+    pairs are routed to their experts and `config` = (BM, BN, BK, warps[, stages]) overrides the tiling."""
     T, H = x.shape
     E, two_i, _ = gate_up.shape
     inter = two_i // 2
@@ -353,43 +426,37 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     nvfp4 = gate_up.fmt == "nvfp4"
     if nvfp4 and (H % 64 or inter % 64):
         raise ValueError(f"the NVFP4 fused MoE needs hidden ({H}) and intermediate ({inter}) sizes that are multiples of 64")
-    cfg = tuple(config) if config else _moe_blocks(T * topk, nvfp4)
-    bm, bn, bk, warps = cfg[:4]
-    stages = cfg[4] if len(cfg) > 4 else 4
-    if bm == 1 and not nvfp4:
-        raise ValueError("the one-pair-per-block tiling (BM = 1) is for NVFP4 experts")
+    blocked = nvfp4 and gate_up.blocked and down.blocked
+    if isinstance(config, Decode) and not blocked:
+        raise ValueError("the decode kernels need blocked NVFP4 experts (N a multiple of 16, K of 128)")
     a = x.to(torch.bfloat16).contiguous()
     weights = topk_weights.float().reshape(-1).contiguous()
-    h = torch.empty(T * topk, inter, dtype=torch.bfloat16, device=x.device)
     limit_ = float(limit or 0.0)
     # w4a4: the activations rounded to their NVFP4 values (one input scale per layer, so any expert's scalars
     # serve), then the w4a16 kernels with alpha = input_scale x weight scale
     if nvfp4 and aq1:
         a = nvfp4_fake_quantize(a, gate_up.scalars[0, 1:])
-    if bm == 1:  # decode: one program per pair (gate_up) and per token (down, which also combines)
+    if isinstance(config, Decode) or (config is None and blocked and T * topk <= MOE_DECODE_MAX_PAIRS):
+        cfg = config if isinstance(config, Decode) else Decode.rule(T, topk, H, inter)
         flat_ids = topk_ids.reshape(-1).contiguous()  # int64 or int32: read as they are (no conversion launch)
-        common = dict(ASM=not interpreting(), STAGES=stages, num_warps=warps)
-        h_blocks = aq2 and bn % 16 == 0  # gate_up's programs hold whole 16-blocks of h: they round them
-        _moe_row_gate_up_kernel[(T * topk, triton.cdiv(inter, bn))](
-            a, gate_up.weight.view(torch.int32), gate_up.weight_scale.view(torch.int32), gate_up.scalars, down.scalars,
-            h, flat_ids, inter, H, a.stride(0), topk, limit_, aq1,
-            HAS_LIMIT=limit is not None, AQ_OUT=h_blocks, BN=bn, BK=_fit(bk, H), **common,
-        )  # fmt: skip
-        if aq2 and not h_blocks:
+        h = torch.empty(T * topk, inter, dtype=torch.bfloat16, device=x.device)
+        warps = cfg.warps
+        while warps > 1 and H % (128 * warps):
+            warps //= 2
+        _decode_launch((inter // 16, T * topk), a, gate_up, h, flat_ids, weights, inter, H, topk, limit_, aq1,
+                       limit is not None, warps, cfg.ahead)  # fmt: skip
+        if aq2:
             h = nvfp4_fake_quantize(h, down.scalars[0, 1:])
-        dbn, dbk, dwarps, dstages = _down_blocks(T)
-        dbn = cfg[5] if len(cfg) > 5 else dbn
         out = torch.empty(T, H, dtype=out_dtype, device=x.device)
-        _moe_row_down_kernel[(T, triton.cdiv(H, dbn))](
-            h, down.weight.view(torch.int32), down.weight_scale.view(torch.int32), down.scalars, out, flat_ids, weights,
-            H, inter, topk, aq2, ASM=not interpreting(), BN=dbn, BK=_fit(dbk, inter), STAGES=dstages,
-            P=triton.next_power_of_2(topk), num_warps=dwarps,
-        )  # fmt: skip
+        _decode_launch((H // 16, T), h, down, out, flat_ids, weights, H, inter, topk, 0.0, aq2, False,
+                       triton.next_power_of_2(topk), cfg.down_ahead)  # fmt: skip
         return out
+    h = torch.empty(T * topk, inter, dtype=torch.bfloat16, device=x.device)
+    bm, bn, bk, warps = tuple(config)[:4] if config else _moe_blocks(T * topk, nvfp4)
     ids, block_expert = route(topk_ids, E, bm)
     y = torch.empty(T * topk, H, dtype=torch.float32, device=x.device)
     if nvfp4:
-        common = dict(ASM=not interpreting(), BM=bm, BN=bn, num_warps=warps)
+        common = dict(ASM=not interpreting(), BM=bm, BN=bn, BLOCKED=blocked, num_warps=warps)
         _moe_nvfp4_kernel[(block_expert.numel(), triton.cdiv(inter, bn))](
             a, gate_up.weight.view(torch.int32), gate_up.weight_scale.view(torch.int32), gate_up.scalars, h, ids,
             block_expert, weights, inter, H, a.stride(0), topk, limit_, aq1,
@@ -419,30 +486,35 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     return y.view(T, topk, H).sum(1).to(out_dtype)
 
 
-def _down_blocks(tokens: int) -> tuple[int, int, int, int]:
-    """(BN, BK, warps, stages) of the one-row down kernel, which reads all of a token's pairs at once: 16 columns and
-    8 warps a program for 1-2 tokens, 8 columns and 4 warps beyond (H100 sweep, BENCHMARKS.md, thirteenth session)."""
-    if interpreting():
-        return 16, 64, 4, 1
-    return (16, 128, 8, 3) if tokens <= 2 else (8, 128, 4, 2)
+def _decode_launch(grid, x, ex: Experts, out, ids, weights, n, k, topk, limit, alpha_idx, has_limit, warps, ahead) -> None:
+    """One `_moe_mma_sync_kernel` launch: gate_up (grid (N / 16, pairs), `warps` sharing K) or down (grid (N / 16,
+    tokens), `warps` = TOPK rounded up to a power of two, one a pair)."""
+    glu = ex.shape[1] == 2 * n  # gate_up: the gate's and the up projection's rows
+    tr = 2 if glu else 1
+    step, load = _MMA_SYNC_PTX[tr, 1, ahead, _step_checks(tr, 1, warps)]
+    sets = _sets(tr, ahead)
+    span = k // warps if glu else k
+    _moe_mma_sync_kernel[grid](
+        x, ex.weight.view(torch.int32), ex.weight_scale.view(torch.int32), ex.scalars, out, ids, weights, n, k, x.stride(0),
+        topk, limit, alpha_idx, GLU=glu, HAS_LIMIT=has_limit, ASM=not interpreting(), W=warps, P=warps, STEP=step,
+        LOAD=load, PX=ahead, ODD=span % 256 != 0, SUM=_warp_sum_ptx(4 * tr, warps, warps, False) if warps > 1 else "",
+        SETS=sets, SETS_SUM=_sets_sum_ptx(4 * tr) if sets > 1 else "", num_warps=warps, num_stages=1,
+    )  # fmt: skip
 
 
-def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int, int]:
-    """(BM, BN, BK, warps, stages) by the number of routed (token, expert) pairs (the best of sweeps on an
-    H100, BENCHMARKS.md). NVFP4 experts: BN counts weight rows (the MMA's M side), BK a multiple of 64;
-    up to MOE_ROW_MAX_PAIRS pairs the one-row kernels run (BM = 1)."""
+def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, warps) of the routed kernels by the number of (token, expert) pairs (the best of sweeps on an
+    H100, BENCHMARKS.md). NVFP4 experts: BN counts weight rows (the MMA's M side), BK a multiple of 64."""
     if interpreting():
-        return (16, 16, 64, 4, 1) if nvfp4 else (16, 16, 32, 4, 1)
+        return (16, 16, 64, 4) if nvfp4 else (16, 16, 32, 4)
     if nvfp4:
-        if pairs <= MOE_ROW_MAX_PAIRS:
-            return 1, 16, 256, 2, 4
-        return (16, 64, 128, 4, 1) if pairs <= 2048 else (64, 128, 64, 4, 1)
+        return (16, 64, 128, 4) if pairs <= 2048 else (64, 128, 64, 4)
     if pairs <= 2048:
-        return 16, 32, 128, 4, 1
-    return 64, 128, 64, 8, 1
+        return 16, 32, 128, 4
+    return 64, 128, 64, 8
 
 
-MOE_ROW_MAX_PAIRS = 128  # 16 tokens at top-8
+MOE_DECODE_MAX_PAIRS = 128  # 16 tokens at top-8
 
 
 # -- plain-torch reference --------------------------------------------------------------------------
