@@ -4,7 +4,7 @@ the SwiGLU (Step clamp optional) in its epilogue, one for down with the routing 
 Experts are NVFP4 (`w4a16`: BF16 activations; `w4a4`: activations quantized with Blackwell's recipe, the
 SwiGLU output re-quantized with the down input scale), FP8 (static per-tensor activations, W8A8 emulated
 exactly on the BF16 MMA) or BF16. One activation scale per projection and layer: the max over experts.
-NVFP4 experts are stored in the linear's blocks; at decode (up to 16 tokens at top-8) they skip the routing and run
+NVFP4 experts are stored in the linear's blocks; at decode (up to 32 tokens at top-8) they skip the routing and run
 through the linear's mma.sync step, one program per pair (gate_up) and per token (down, with the combine).
 """
 
@@ -514,7 +514,7 @@ def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int]:
     return 64, 128, 64, 8
 
 
-MOE_DECODE_MAX_PAIRS = 128  # 16 tokens at top-8
+MOE_DECODE_MAX_PAIRS = 256  # 32 tokens at top-8: beyond, the routed kernel is faster (BENCHMARKS.md, seventeenth session)
 
 
 # -- plain-torch reference --------------------------------------------------------------------------
