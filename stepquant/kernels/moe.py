@@ -44,6 +44,9 @@ class Experts:
         """Blocked wherever N is a multiple of 16 and K of 128 (one copy of the weight; the blocks of 16 rows never
         straddle two experts)."""
         e, n, c = weight.shape
+        if tuple(weight_scale.shape) != (e, n, c // 8) or c % 8:
+            raise ValueError(f"NVFP4 experts: weight {tuple(weight.shape)} (packed [E, N, K/2]) needs weight_scale "
+                             f"[E, N, K/16] = {(e, n, c // 8)}, not {tuple(weight_scale.shape)}")  # fmt: skip
         weight_scale = weight_scale.view(torch.uint8)
         blocked = n % 16 == 0 and c % 64 == 0
         if blocked:

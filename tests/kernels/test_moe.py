@@ -103,6 +103,14 @@ def test_decode_kernels_match_reference(device, mode, limit):
             assert _rel(fused_moe(x, ids, w, gu, dn, mode, limit=limit, config=cfg, out_dtype=torch.float32), out32) < 1e-6
 
 
+def test_experts_check_their_scales_shape():
+    q, sf = torch.zeros(2, 16, 64, dtype=torch.uint8), torch.zeros(2, 16, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"weight_scale \[E, N, K/16\] = \(2, 16, 8\), not \(2, 16, 4\)"):
+        Experts.nvfp4(q, sf, torch.ones(2))
+    ex = Experts.nvfp4(q, torch.zeros(2, 16, 8, dtype=torch.uint8), torch.ones(2))
+    assert ex.blocked and ex.shape == (2, 16, 128)
+
+
 def test_decode_kernels_need_blocked_experts(device):
     x, ids, w, gu, dn = _layer("nvfp4", device)  # K = 64: not blocked
     assert not gu.blocked
