@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stepquant.bench import SHAPE_SETS, bench_kernels, bench_linear
+from stepquant.bench import SHAPE_SETS, bench_kernels, bench_linear, format_kernels
 
 from .conftest import run_cli
 
@@ -21,6 +21,17 @@ def test_bench_kernels_reports_every_shape():
     assert {(x["shape"], x["M"], x["mode"]) for x in rows} == {
         (s, m, mode) for s in SHAPE_SETS["small"] for m in (1, 16) for mode in ("w4a16", "w4a4")
     }
+
+
+def test_format_kernels_gives_each_row_its_speedup():
+    r = {"device": "GPU", "copy_tb_s": 3.0, "quantize": {"experts": 64, "ms": 0.36, "tb_s": 2.4, "pct_copy": 79.0},
+         "linear": [{"shape": "attn q", "M": 1, "mode": "w4a16", "ms": 0.01, "bf16_ms": 0.025, "speedup_vs_bf16": 2.5,
+                     "gb_s": 2000.0, "pct_copy": 66.0, "tflops": 7.0}],
+         "moe": [{"tokens": 1, "experts_touched": 8.0, "mode": "w4a16", "ms": 0.032, "bf16_ms": 0.106,
+                  "pct_roofline": 73.0, "tflops": 7.7}]}  # fmt: skip
+    text = format_kernels(r)
+    assert "| attn q | 1 | w4a16 | 0.0100 | 0.0250 | 2.50 | 2000 | 66% | 7.0 |" in text
+    assert "| 1 | 8.0 | w4a16 | 0.0320 | 0.1060 | 3.31 | 73% | 7.7 |" in text
 
 
 def test_bench_convert_generates_once_and_times_each_device(tmp_path):
