@@ -141,3 +141,26 @@ def test_fused_moe_step_shapes(tokens):
             ref = fused_moe_reference(x, ids, w, gu, dn, mode, limit=limit)
             assert _rel(fused_moe(x, ids, w, gu, dn, mode, limit=limit), ref) < 1e-2
             assert _rel(fused_moe(x, ids, w, gu, dn, mode, limit=limit, out_dtype=torch.float32), ref) < 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real shapes need CUDA")
+@pytest.mark.parametrize("hidden, inter, experts, topk", [
+    (2048, 768, 16, 8),  # Qwen3-30B-A3B's sizes (128 experts)
+    (4096, 14336, 4, 2),  # Mixtral 8x7B's (8 experts): two down warps, 112 steps a warp
+    (2048, 1408, 16, 6),  # DeepSeek-V2-Lite's (64 experts): two of eight down warps past the pairs, 11 steps (odd)
+])  # fmt: skip
+def test_fused_moe_other_families_at_decode(hidden, inter, experts, topk):
+    """The decode kernels at other families' hidden and intermediate sizes and top-k (fewer experts, same kernels)."""
+    from stepquant.bench import step_moe_layer
+
+    (gu, dn), _ = step_moe_layer(experts, hidden, inter, with_bf16=False)
+    assert gu.blocked and dn.blocked
+    for tokens in (1, 5, 16):
+        g = torch.Generator(device="cuda").manual_seed(tokens)
+        x = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
+        w, ids = torch.rand(tokens, experts, device="cuda", generator=g).topk(topk, -1)
+        for mode in ("w4a16", "w4a4"):
+            ref = fused_moe_reference(x, ids, w, gu, dn, mode, limit=None)
+            assert _rel(fused_moe(x, ids, w, gu, dn, mode, out_dtype=torch.float32), ref) < 1e-3
+            routed = fused_moe(x, ids, w, gu, dn, mode, config=(16, 64, 128, 4), out_dtype=torch.float32)
+            assert _rel(routed, ref) < 1e-3
