@@ -509,6 +509,31 @@ def _mma_sync_step(c, w, wp, sp, xp, d, left, elem, tw, TR: tl.constexpr, TN: tl
 
 
 @triton.jit
+def _mma_sync_range(wp, sp, xp, span, elem, tw, W: tl.constexpr, TR: tl.constexpr, TN: tl.constexpr, STEP: tl.constexpr,
+                    LOAD: tl.constexpr, PX: tl.constexpr, ODD: tl.constexpr, SETS: tl.constexpr, SETS_SUM: tl.constexpr):
+    """A warp's accumulators (4 TR TN) over its `span` columns from wp / sp / xp (ODD: span may be an odd number of
+    128-column steps): the first step's loads, then two steps a turn."""
+    if PX:
+        w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * TR + 16 * TN) + "l,l,r" + ",l" * TN, [_i64(wp), _i64(sp), tw] + [_i64(p) for p in xp],
+                                      dtype=(tl.int32,) * (10 * TR + 16 * TN), is_pure=False, pack=1)  # fmt: skip
+    else:
+        w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * TR) + "l,l,r", [_i64(wp), _i64(sp), tw],
+                                      dtype=(tl.int32,) * (10 * TR), is_pure=False, pack=1)  # fmt: skip
+    c = (tl.zeros((32 * W,), dtype=tl.float32),) * (4 * SETS * TR * TN)
+    for d in range(0, span, 256):  # two steps a turn: two register sets, so a load is first used a step later
+        c, v = _mma_sync_step(c, w, wp, sp, xp, d, (span - d) // 128 - 1, elem, tw, TR, TN, STEP, PX, SETS)
+        if ODD:  # an odd number of steps: the last turn has one
+            if d + 128 < span:
+                c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, TN, STEP, PX, SETS)
+        else:
+            c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, TN, STEP, PX, SETS)
+    if SETS == 2:
+        c = tl.inline_asm_elementwise(SETS_SUM, "=f," * (4 * TR * TN) + "f," * (8 * TR * TN - 1) + "f", c,
+                                      dtype=(tl.float32,) * (4 * TR * TN), is_pure=True, pack=1)  # fmt: skip
+    return c
+
+
+@triton.jit
 def _mma_sync_store(ptr, f, row, tok, M, N, stride, alpha, keep):
     """Accumulator fragment f -> [tokens, rows] where keep: f[0], f[1] are row g's tokens 2t, 2t + 1; f[2], f[3] row
     g + 8's."""
@@ -561,23 +586,7 @@ def _nvfp4_mma_sync_kernel(
         tw = K // 128 * 1024  # bytes from a block's words to the next 16 rows' (their scales: an eighth of that)
         x0 = a_ptr + tl.minimum(g, M - 1).to(tl.int64) * stride_am + kw + 32 * t
         xp = (x0,) if TN == 1 else (x0, a_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * stride_am + kw + 32 * t)
-        if PX:
-            w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * TR + 16 * TN) + "l,l,r" + ",l" * TN, [_i64(wp), _i64(sp), tw] + [_i64(p) for p in xp],
-                                          dtype=(tl.int32,) * (10 * TR + 16 * TN), is_pure=False, pack=1)  # fmt: skip
-        else:
-            w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * TR) + "l,l,r", [_i64(wp), _i64(sp), tw],
-                                          dtype=(tl.int32,) * (10 * TR), is_pure=False, pack=1)  # fmt: skip
-        c = (tl.zeros((32 * W,), dtype=tl.float32),) * (4 * SETS * TR * TN)
-        for d in range(0, span, 256):  # two steps a turn: two register sets, so a load is first used a step later
-            c, v = _mma_sync_step(c, w, wp, sp, xp, d, (span - d) // 128 - 1, elem, tw, TR, TN, STEP, PX, SETS)
-            if ODD:  # an odd number of steps: the last turn has one
-                if d + 128 < span:
-                    c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, TN, STEP, PX, SETS)
-            else:
-                c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, TN, STEP, PX, SETS)
-        if SETS == 2:
-            c = tl.inline_asm_elementwise(SETS_SUM, "=f," * (4 * TR * TN) + "f," * (8 * TR * TN - 1) + "f", c,
-                                          dtype=(tl.float32,) * (4 * TR * TN), is_pure=True, pack=1)  # fmt: skip
+        c = _mma_sync_range(wp, sp, xp, span, elem, tw, W, TR, TN, STEP, LOAD, PX, ODD, SETS, SETS_SUM)
         if KW > 1:  # the group's warps' sums, added in shared memory; warp j of a group stores the fragments j, j + KW..
             c = tl.inline_asm_elementwise(SUM, "=&f," * (4 * TR * TN) + "f," * (4 * TR * TN) + "r", c + (elem,),
                                           dtype=(tl.float32,) * (4 * TR * TN), is_pure=False, pack=1)  # fmt: skip

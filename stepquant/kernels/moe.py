@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import interpreting
 from .quantize import _bf16_rne, _e4m3_rne
-from .linear import (_MMA_SYNC_PTX, _blocked_codes, _e4m3_value, _fit, _from_blocks, _i64, _mma_sync_step, _mma_sync_store, _mma_t, _nvfp4_tile,
+from .linear import (_MMA_SYNC_PTX, _blocked_codes, _e4m3_value, _fit, _from_blocks, _mma_sync_range, _mma_sync_store, _mma_t, _nvfp4_tile,
                      _sets, _sets_sum_ptx, _step_checks, _to_blocks, _unblocked_codes, _warp_sum_ptx, blackwell_activations,
                      dequantize_nvfp4, nvfp4_fake_quantize)  # fmt: skip
 
@@ -226,23 +226,7 @@ def _moe_mma_sync_kernel(
         sp = sf_ptr.to(tl.pointer_type(tl.uint8)) + block * 128 + elem % 32 * 2
         tw = N // 16 * (K // 128) * 1024  # GLU: bytes from the gate's block to the up projection's
         xp = (a_ptr + xrow.to(tl.int64) * stride_a + kw + 32 * t,)
-        if PX:
-            w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * TR + 16) + "l,l,r,l", [_i64(wp), _i64(sp), tw, _i64(xp[0])],
-                                          dtype=(tl.int32,) * (10 * TR + 16), is_pure=False, pack=1)  # fmt: skip
-        else:
-            w = tl.inline_asm_elementwise(LOAD, "=&r," * (10 * TR) + "l,l,r", [_i64(wp), _i64(sp), tw],
-                                          dtype=(tl.int32,) * (10 * TR), is_pure=False, pack=1)  # fmt: skip
-        c = (tl.zeros((32 * W,), dtype=tl.float32),) * (4 * SETS * TR)
-        for d in range(0, span, 256):  # two steps a turn, as in the linear
-            c, v = _mma_sync_step(c, w, wp, sp, xp, d, (span - d) // 128 - 1, elem, tw, TR, 1, STEP, PX, SETS)
-            if ODD:
-                if d + 128 < span:
-                    c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, 1, STEP, PX, SETS)
-            else:
-                c, w = _mma_sync_step(c, v, wp, sp, xp, d + 128, (span - d) // 128 - 2, elem, tw, TR, 1, STEP, PX, SETS)
-        if SETS == 2:
-            c = tl.inline_asm_elementwise(SETS_SUM, "=f," * (4 * TR) + "f," * (8 * TR - 1) + "f", c,
-                                          dtype=(tl.float32,) * (4 * TR), is_pure=True, pack=1)  # fmt: skip
+        c = _mma_sync_range(wp, sp, xp, span, elem, tw, W, TR, 1, STEP, LOAD, PX, ODD, SETS, SETS_SUM)
         if GLU:
             alpha = tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0
         else:  # each warp's pair: alpha x its routing weight
