@@ -443,18 +443,20 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     ids, block_expert = route(topk_ids, E, bm)
     y = torch.empty(T * topk, H, dtype=torch.float32, device=x.device)
     if nvfp4:
-        common = dict(ASM=not interpreting(), BM=bm, BN=bn, BLOCKED=blocked, num_warps=warps)
+        common = dict(ASM=not interpreting(), BM=bm, BN=bn, num_warps=warps)  # each projection blocked or not
         _moe_nvfp4_kernel[(block_expert.numel(), triton.cdiv(inter, bn))](
             a, gate_up.weight.view(torch.int32), gate_up.weight_scale.view(torch.int32), gate_up.scalars, h, ids,
             block_expert, weights, inter, H, a.stride(0), topk, limit_, aq1,
-            GATHER=True, GLU=True, HAS_LIMIT=limit is not None, WEIGHTED=False, BK=_fit(bk, H), **common,
+            GATHER=True, GLU=True, HAS_LIMIT=limit is not None, WEIGHTED=False, BK=_fit(bk, H), BLOCKED=gate_up.blocked,
+            **common,
         )  # fmt: skip
         if aq2:
             h = nvfp4_fake_quantize(h, down.scalars[0, 1:])
         _moe_nvfp4_kernel[(block_expert.numel(), triton.cdiv(H, bn))](
             h, down.weight.view(torch.int32), down.weight_scale.view(torch.int32), down.scalars, y, ids,
             block_expert, weights, H, inter, h.stride(0), topk, 0.0, aq2,
-            GATHER=False, GLU=False, HAS_LIMIT=False, WEIGHTED=True, BK=_fit(bk, inter), **common,
+            GATHER=False, GLU=False, HAS_LIMIT=False, WEIGHTED=True, BK=_fit(bk, inter), BLOCKED=down.blocked,
+            **common,
         )  # fmt: skip
     else:
         common = dict(DOT_FP32=interpreting(), BM=bm, BN=bn, BK=bk, num_warps=warps)

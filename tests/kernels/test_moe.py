@@ -111,6 +111,14 @@ def test_experts_check_their_scales_shape():
     assert ex.blocked and ex.shape == (2, 16, 128)
 
 
+def test_routed_kernel_reads_each_projection_in_its_layout(device):
+    """K 128 blocks gate_up, K 64 leaves down as the checkpoint has it: the routed kernel reads each as it is."""
+    x, ids, w, gu, dn = _layer("nvfp4", device, seed=3, hidden=128, inter=64, tokens=3)
+    assert gu.blocked and not dn.blocked
+    ref = fused_moe_reference(x, ids, w, gu, dn, "w4a16")
+    assert _rel(fused_moe(x, ids, w, gu, dn, "w4a16", out_dtype=torch.float32), ref) < (1e-5 if device == "cpu" else 1e-3)
+
+
 def test_decode_kernels_need_blocked_experts(device):
     x, ids, w, gu, dn = _layer("nvfp4", device)  # K = 64: not blocked
     assert not gu.blocked
