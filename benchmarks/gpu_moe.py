@@ -13,13 +13,15 @@ from pathlib import Path
 import torch
 
 from stepquant.bench import bench_moe, bench_quantize, copy_bandwidth, graph_time, step_moe_layer
-from stepquant.kernels.moe import Decode, fused_moe
+from stepquant.kernels.moe import MmaSync, fused_moe
 
-# decode: Decode(warps on gate_up's K, gate_up's activations ahead, down's); routed: (BM, BN, BK, warps)
-CONFIGS = [Decode(w, a, d) for w in (1, 2, 4, 8) for a in (False, True) for d in (False, True)] + [(16, 64, 128, 4)]
+# MmaSync(warps on gate_up's K, gate_up's activations ahead, down's[, routed, warps on down's K]); Triton's MMA over
+# routed pairs: (BM, BN, BK, warps)
+CONFIGS = ([MmaSync(w, a, d) for w in (1, 2, 4, 8) for a in (False, True) for d in (False, True)]
+           + [MmaSync(w, False, False, True, dw) for w in (1, 2, 4) for dw in (1, 2)] + [(16, 64, 128, 4), (64, 128, 64, 4)])
 
 
-def sweep(gu, dn, tokens=(1, 8, 16, 32, 64)) -> list[dict]:
+def sweep(gu, dn, tokens=(1, 8, 16, 32, 64, 256, 2048)) -> list[dict]:
     rows = []
     hidden = gu.shape[2]
     for t in tokens:
@@ -27,6 +29,8 @@ def sweep(gu, dn, tokens=(1, 8, 16, 32, 64)) -> list[dict]:
         x = torch.randn(t, hidden, device="cuda", generator=gen).to(torch.bfloat16)
         routes = [torch.rand(t, gu.shape[0], device="cuda", generator=gen).topk(8, -1) for _ in range(8)]
         for cfg in CONFIGS:
+            if isinstance(cfg, MmaSync) and (t > 64 if not cfg.routed else t < 8):  # decode kernels read an expert a pair
+                continue
             try:
                 ms = graph_time(lambda i: fused_moe(x, routes[i % 8][1], routes[i % 8][0], gu, dn, "w4a16", config=cfg), reps=8)
             except Exception as exc:  # noqa: BLE001 - a tiling that does not compile or fit

@@ -4,8 +4,9 @@ the SwiGLU (Step clamp optional) in its epilogue, one for down with the routing 
 Experts are NVFP4 (`w4a16`: BF16 activations; `w4a4`: activations quantized with Blackwell's recipe, the
 SwiGLU output re-quantized with the down input scale), FP8 (static per-tensor activations, W8A8 emulated
 exactly on the BF16 MMA) or BF16. One activation scale per projection and layer: the max over experts.
-NVFP4 experts are stored in the linear's blocks; at decode (up to 32 tokens at top-8) they skip the routing and run
-through the linear's mma.sync step, one program per pair (gate_up) and per token (down, with the combine).
+NVFP4 experts are stored in the linear's blocks and run through the linear's mma.sync step: at decode (up to 2 tokens
+at top-8) without routing, one program per pair (gate_up) and per token (down, with the combine); up to 256 tokens
+routed in blocks of 8 pairs of one expert; beyond, Triton's MMA over blocks of 64.
 """
 
 from __future__ import annotations
@@ -189,35 +190,52 @@ def _moe_nvfp4_kernel(
 
 @triton.jit
 def _moe_mma_sync_kernel(
-    a_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, topk_ids_ptr, topk_w_ptr, N, K, stride_a, TOPK, limit, ALPHA_IDX,
-    GLU: tl.constexpr, HAS_LIMIT: tl.constexpr, ASM: tl.constexpr, W: tl.constexpr, P: tl.constexpr,
-    STEP: tl.constexpr, LOAD: tl.constexpr, PX: tl.constexpr, ODD: tl.constexpr, SUM: tl.constexpr,
+    a_ptr, w_ptr, sf_ptr, scalars_ptr, out_ptr, ids_ptr, block_expert_ptr, topk_w_ptr, N, K, stride_a, TOPK, limit,
+    ALPHA_IDX, GLU: tl.constexpr, ROUTED: tl.constexpr, HAS_LIMIT: tl.constexpr, ASM: tl.constexpr, W: tl.constexpr,
+    P: tl.constexpr, STEP: tl.constexpr, LOAD: tl.constexpr, PX: tl.constexpr, ODD: tl.constexpr, SUM: tl.constexpr,
     SETS: tl.constexpr, SETS_SUM: tl.constexpr,
 ):  # fmt: skip
-    """Decode over blocked NVFP4 experts with the linear's mma.sync step (`_nvfp4_mma_sync_kernel`, one token: 7 of
-    the MMA's 8 token columns are padding). GLU (gate_up): program (16 rows, routed pair), 2 x 1 tiles, the gate's
-    block and the up projection's N rows further on, W warps sharing K; warp 0 gets the sums and writes
-    SwiGLU(gate, up) to h[pair]. Else (down): program (16 rows, token), warp j on the token's pair j (W = P, TOPK
-    rounded up to a power of two; warps past TOPK count zero), its sum times alpha and the routing weight, then the
-    warps' sums added in a fixed order in shared memory: the combine, deterministic. Under the interpreter the same
-    sums in fp32 with plain loads."""
+    """Blocked NVFP4 experts through the linear's mma.sync step (`_nvfp4_mma_sync_kernel`): 16 weight rows a program;
+    GLU (gate_up) with 2 x 1 tiles, the gate's block and the up projection's N rows further on, so that warp 0, which
+    gets the sums, writes SwiGLU(gate, up) to h. The second grid axis:
+    - decode, GLU: a routed pair (`ids` = topk_ids); its token fills the MMA's 8 token columns (7 padding); W warps
+      share K.
+    - decode, down: a token; warp j on its pair j (W = P, TOPK rounded up to a power of two; warps past TOPK count
+      zero), its sum times alpha and the routing weight, the warps' sums added in a fixed order in shared memory: the
+      combine, deterministic.
+    - ROUTED: a block of up to 8 pairs of one expert (`route` with BM 8: `ids`, `block_expert`), one a token column;
+      W warps share K; down writes each pair's output times its routing weight (fp32), the caller adds a token's.
+    Under the interpreter the same sums in fp32 with plain loads."""
     pid_n = tl.program_id(0)
-    q = tl.program_id(1)  # GLU: the pair; else the token
+    q = tl.program_id(1)  # the pair, the token or the block
     TR: tl.constexpr = 2 if GLU else 1
     NW = 2 * N if GLU else N  # an expert's weight rows
+    if ROUTED:
+        e_block = tl.load(block_expert_ptr + q)
+        if e_block < 0:
+            return
     if ASM:
         elem = tl.arange(0, 32 * W)  # the thread this element must be on
         j = elem // 32
         t = elem % 4
         row = pid_n * 16 + elem % 32 // 4
-        if GLU:
-            e = tl.load(topk_ids_ptr + q).to(tl.int64)
+        if ROUTED:
+            e = e_block.to(tl.int64)
+            pair = tl.load(ids_ptr + q * 8 + elem % 32 // 4)  # token column g's pair
+            if GLU:  # its token's activations
+                xrow = tl.where(pair >= 0, pair // TOPK, 0)
+            else:  # its row of h
+                xrow = tl.where(pair >= 0, pair, 0)
+            span = K // W
+            kw = j * span
+        elif GLU:
+            e = tl.load(ids_ptr + q).to(tl.int64)
             xrow = q // TOPK
             span = K // W
             kw = j * span
         else:
             pair = q * TOPK + tl.minimum(j, TOPK - 1)
-            e = tl.load(topk_ids_ptr + pair).to(tl.int64)
+            e = tl.load(ids_ptr + pair).to(tl.int64)
             xrow = pair
             span = K
             kw = j * 0
@@ -227,7 +245,7 @@ def _moe_mma_sync_kernel(
         tw = N // 16 * (K // 128) * 1024  # GLU: bytes from the gate's block to the up projection's
         xp = (a_ptr + xrow.to(tl.int64) * stride_a + kw + 32 * t,)
         c = _mma_sync_range(wp, sp, xp, span, elem, tw, W, TR, 1, STEP, LOAD, PX, ODD, SETS, SETS_SUM)
-        if GLU:
+        if GLU or ROUTED:
             alpha = tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0
         else:  # each warp's pair: alpha x its routing weight
             alpha = tl.where(j < TOPK, tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair), 0.0)
@@ -240,32 +258,68 @@ def _moe_mma_sync_kernel(
                  _epilogue(c[2], c[6], alpha, limit, True, HAS_LIMIT), _epilogue(c[3], c[7], alpha, limit, True, HAS_LIMIT))  # fmt: skip
         else:
             f = (c[0], c[1], c[2], c[3])
-        _mma_sync_store(out_ptr + q * N, f, row, 2 * t, 1, N, N, 1.0, j == 0)
+        if ROUTED:  # token columns 2t, 2t + 1: their pairs' rows of the output
+            p0 = tl.load(ids_ptr + q * 8 + 2 * t)
+            p1 = tl.load(ids_ptr + q * 8 + 2 * t + 1)
+            if not GLU:
+                w0 = alpha * tl.load(topk_w_ptr + p0, mask=p0 >= 0, other=0.0)
+                w1 = alpha * tl.load(topk_w_ptr + p1, mask=p1 >= 0, other=0.0)
+                f = (f[0] * w0, f[1] * w1, f[2] * w0, f[3] * w1)
+            ty = out_ptr.dtype.element_ty
+            tl.store(out_ptr + p0 * N + row, f[0].to(ty), mask=(j == 0) & (p0 >= 0))
+            tl.store(out_ptr + p1 * N + row, f[1].to(ty), mask=(j == 0) & (p1 >= 0))
+            tl.store(out_ptr + p0 * N + row + 8, f[2].to(ty), mask=(j == 0) & (p0 >= 0))
+            tl.store(out_ptr + p1 * N + row + 8, f[3].to(ty), mask=(j == 0) & (p1 >= 0))
+        else:
+            _mma_sync_store(out_ptr + q * N, f, row, 2 * t, 1, N, N, 1.0, j == 0)
     else:
         rn = pid_n * 16 + tl.arange(0, 16)
         rk = tl.arange(0, 128)
-        if GLU:  # the gate's 16 rows, then the up projection's
-            e = tl.load(topk_ids_ptr + q).to(tl.int64)
-            rows = e * NW + pid_n * 16 + tl.arange(0, 32) % 16 + tl.arange(0, 32) // 16 * N
-            acc = tl.zeros((32,), dtype=tl.float32)
+        if ROUTED:  # [16 rows, 8 token columns]
+            pairs = tl.load(ids_ptr + q * 8 + tl.arange(0, 8))
+            valid = pairs >= 0
+            if GLU:
+                xr = tl.where(valid, pairs // TOPK, 0)
+            else:
+                xr = tl.where(valid, pairs, 0)
+            e = e_block.to(tl.int64)
+            R: tl.constexpr = 32 if GLU else 16
+            rows = e * NW + pid_n * 16 + tl.arange(0, R) % 16 + tl.arange(0, R) // 16 * N
+            acc = tl.zeros((R, 8), dtype=tl.float32)
             for k0 in range(0, K, 128):
-                x = tl.load(a_ptr + (q // TOPK) * stride_a + k0 + rk).to(tl.float32)
-                acc += tl.sum(_nvfp4_tile(w_ptr, sf_ptr, rows, rows >= 0, k0, K, False, 32, 128, BLOCKED=True).to(tl.float32) * x[None, :], 1)
-            gate, up = tl.split(tl.permute(tl.reshape(acc, (2, 16)), (1, 0)))
-            y = _epilogue(gate, up, tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0, limit, True, HAS_LIMIT)
+                x = tl.load(a_ptr + xr[:, None] * stride_a + k0 + rk[None, :]).to(tl.float32)
+                wt = _nvfp4_tile(w_ptr, sf_ptr, rows, rows >= 0, k0, K, False, R, 128, BLOCKED=True).to(tl.float32)
+                acc += tl.sum(wt[:, None, :] * x[None, :, :], 2)
+            alpha = tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0
+            if GLU:
+                gate, up = tl.split(tl.permute(tl.reshape(acc, (2, 16, 8)), (1, 2, 0)))
+                y = _epilogue(gate, up, alpha, limit, True, HAS_LIMIT)
+            else:
+                y = acc * alpha * tl.load(topk_w_ptr + pairs, mask=valid, other=0.0)[None, :]
+            tl.store(out_ptr + pairs[None, :] * N + rn[:, None], y.to(out_ptr.dtype.element_ty), mask=valid[None, :])
         else:
-            pj = tl.arange(0, P)
-            pair = q * TOPK + tl.minimum(pj, TOPK - 1)
-            e = tl.load(topk_ids_ptr + pair).to(tl.int64)
-            rows = tl.reshape(e[:, None] * NW + rn[None, :], (P * 16,))
-            acc = tl.zeros((P, 16), dtype=tl.float32)
-            for k0 in range(0, K, 128):
-                x = tl.load(a_ptr + pair[:, None] * stride_a + k0 + rk[None, :]).to(tl.float32)
-                wt = tl.reshape(_nvfp4_tile(w_ptr, sf_ptr, rows, rows >= 0, k0, K, False, P * 16, 128, BLOCKED=True), (P, 16, 128))
-                acc += tl.sum(wt.to(tl.float32) * x[:, None, :], 2)
-            coef = tl.where(pj < TOPK, tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair), 0.0)
-            y = tl.sum(acc * coef[:, None], 0)
-        tl.store(out_ptr + q * N + rn, y.to(out_ptr.dtype.element_ty), mask=rn < N)
+            if GLU:  # the gate's 16 rows, then the up projection's
+                e = tl.load(ids_ptr + q).to(tl.int64)
+                rows = e * NW + pid_n * 16 + tl.arange(0, 32) % 16 + tl.arange(0, 32) // 16 * N
+                acc = tl.zeros((32,), dtype=tl.float32)
+                for k0 in range(0, K, 128):
+                    x = tl.load(a_ptr + (q // TOPK) * stride_a + k0 + rk).to(tl.float32)
+                    acc += tl.sum(_nvfp4_tile(w_ptr, sf_ptr, rows, rows >= 0, k0, K, False, 32, 128, BLOCKED=True).to(tl.float32) * x[None, :], 1)
+                gate, up = tl.split(tl.permute(tl.reshape(acc, (2, 16)), (1, 0)))
+                y = _epilogue(gate, up, tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0, limit, True, HAS_LIMIT)
+            else:
+                pj = tl.arange(0, P)
+                pair = q * TOPK + tl.minimum(pj, TOPK - 1)
+                e = tl.load(ids_ptr + pair).to(tl.int64)
+                rows = tl.reshape(e[:, None] * NW + rn[None, :], (P * 16,))
+                acc = tl.zeros((P, 16), dtype=tl.float32)
+                for k0 in range(0, K, 128):
+                    x = tl.load(a_ptr + pair[:, None] * stride_a + k0 + rk[None, :]).to(tl.float32)
+                    wt = tl.reshape(_nvfp4_tile(w_ptr, sf_ptr, rows, rows >= 0, k0, K, False, P * 16, 128, BLOCKED=True), (P, 16, 128))
+                    acc += tl.sum(wt.to(tl.float32) * x[:, None, :], 2)
+                coef = tl.where(pj < TOPK, tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair), 0.0)
+                y = tl.sum(acc * coef[:, None], 0)
+            tl.store(out_ptr + q * N + rn, y.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
@@ -376,33 +430,38 @@ def _modes(experts: Experts, mode: str) -> int:
     return {"w4a16": 0, "w4a4": 1, "w8a8": 2, "bf16": 0}[mode]
 
 
-class Decode(NamedTuple):
-    """The decode kernels' tiling (`_moe_mma_sync_kernel`): warps sharing gate_up's K range (halved until they
-    split it into whole 128-column steps), and whether each kernel loads its activations a step ahead."""
+class MmaSync(NamedTuple):
+    """The tiling of `_moe_mma_sync_kernel` (blocked NVFP4 experts). Decode: a program per pair (gate_up), then per
+    token (down, with the combine); `routed`: the pairs routed to their experts in blocks of 8. `warps` share gate_up's
+    K range (halved until they split it into whole 128-column steps), `down_warps` down's (routed; at decode down
+    has a warp a pair); `ahead`, `down_ahead`: each kernel loads its activations a step ahead."""
 
     warps: int = 4
     ahead: bool = False
     down_ahead: bool = False
+    routed: bool = False
+    down_warps: int = 1
 
     @classmethod
-    def rule(cls, tokens: int, topk: int, hidden: int, inter: int) -> Decode:
-        """From an H100 sweep at Step shapes (BENCHMARKS.md, seventeenth session): 4 warps on gate_up's K up to 16
-        pairs, one beyond; activations ahead where all of a kernel's warps are resident at once (2048 or fewer), as
-        in the linear's rule."""
+    def rule(cls, tokens: int, topk: int, hidden: int, inter: int) -> MmaSync:
+        """From H100 sweeps at Step shapes (BENCHMARKS.md, seventeenth session): decode up to MOE_DECODE_MAX_PAIRS
+        pairs, 4 warps on gate_up's K, activations ahead where all of a kernel's warps are resident at once (2048 or
+        fewer, as in the linear's rule); routed beyond, 4 warps on gate_up's K up to 512 pairs, then 1, one on down's."""
         pairs = tokens * topk
-        warps = 4 if pairs <= 16 else 1
-        return cls(warps, pairs * inter // 16 * warps <= 2048, tokens * hidden // 16 * triton.next_power_of_2(topk) <= 2048)
+        if pairs > MOE_DECODE_MAX_PAIRS:
+            return cls(4 if pairs <= 512 else 1, routed=True)
+        return cls(4, pairs * inter // 16 * 4 <= 2048, tokens * hidden // 16 * triton.next_power_of_2(topk) <= 2048)
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: Experts,
-              down: Experts, mode: str, limit: float | None = None, config: tuple[int, ...] | Decode | None = None,
+              down: Experts, mode: str, limit: float | None = None, config: tuple[int, ...] | MmaSync | None = None,
               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
     """Routed experts of one MoE layer: `sum_j w_j * down_e(SwiGLU(gate_up_e(x)))` for each token's
     top-k experts `e = topk_ids[t, j]` with weights `topk_weights[t, j]`; `limit` is the Step clamp.
     gate_up's rows are the gate then the up projection; x [T, H] -> [T, H] (fp32 keeps the combine's
-    sum unrounded, for checking). Up to MOE_DECODE_MAX_PAIRS pairs of blocked NVFP4 experts, or with a `Decode`
-    config, the decode kernels run (no routing: one program per pair, then per token with the combine); else the
-    pairs are routed to their experts and `config` = (BM, BN, BK, warps[, stages]) overrides the tiling."""
+    sum unrounded, for checking). Blocked NVFP4 experts run the mma.sync kernels up to MOE_MMA_SYNC_MAX_PAIRS pairs
+    (or with an `MmaSync` config); else Triton's MMA over the routed pairs, `config` = (BM, BN, BK, warps)
+    overriding its tiling."""
     T, H = x.shape
     E, two_i, _ = gate_up.shape
     inter = two_i // 2
@@ -414,8 +473,8 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if nvfp4 and (H % 64 or inter % 64):
         raise ValueError(f"the NVFP4 fused MoE needs hidden ({H}) and intermediate ({inter}) sizes that are multiples of 64")
     blocked = nvfp4 and gate_up.blocked and down.blocked
-    if isinstance(config, Decode) and not blocked:
-        raise ValueError("the decode kernels need blocked NVFP4 experts (N a multiple of 16, K of 128)")
+    if isinstance(config, MmaSync) and not blocked:
+        raise ValueError("the mma.sync kernels need blocked NVFP4 experts (N a multiple of 16, K of 128)")
     a = x.to(torch.bfloat16).contiguous()
     weights = topk_weights.float().reshape(-1).contiguous()
     limit_ = float(limit or 0.0)
@@ -423,22 +482,26 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     # serve), then the w4a16 kernels with alpha = input_scale x weight scale
     if nvfp4 and aq1:
         a = nvfp4_fake_quantize(a, gate_up.scalars[0, 1:])
-    if isinstance(config, Decode) or (config is None and blocked and T * topk <= MOE_DECODE_MAX_PAIRS):
-        cfg = config if isinstance(config, Decode) else Decode.rule(T, topk, H, inter)
-        flat_ids = topk_ids.reshape(-1).contiguous()  # int64 or int32: read as they are (no conversion launch)
-        h = torch.empty(T * topk, inter, dtype=torch.bfloat16, device=x.device)
-        warps = cfg.warps
-        while warps > 1 and H % (128 * warps):
-            warps //= 2
-        _decode_launch((inter // 16, T * topk), a, gate_up, h, flat_ids, weights, inter, H, topk, limit_, aq1,
-                       limit is not None, warps, cfg.ahead)  # fmt: skip
+    h = torch.empty(T * topk, inter, dtype=torch.bfloat16, device=x.device)
+    if isinstance(config, MmaSync) or (config is None and blocked and T * topk <= MOE_MMA_SYNC_MAX_PAIRS):
+        cfg = config if isinstance(config, MmaSync) else MmaSync.rule(T, topk, H, inter)
+        if cfg.routed:
+            ids, block_expert = route(topk_ids, E, 8)
+            grid_gu, grid_dn = (inter // 16, block_expert.numel()), (H // 16, block_expert.numel())
+            out = torch.empty(T * topk, H, dtype=torch.float32, device=x.device)
+            down_warps = cfg.down_warps
+        else:
+            ids, block_expert = topk_ids.reshape(-1).contiguous(), None  # int64 or int32: read as they are
+            grid_gu, grid_dn = (inter // 16, T * topk), (H // 16, T)
+            out = torch.empty(T, H, dtype=out_dtype, device=x.device)
+            down_warps = triton.next_power_of_2(topk)
+        _mma_sync_launch(grid_gu, a, gate_up, h, ids, block_expert, weights, inter, H, topk, limit_, aq1,
+                         limit is not None, cfg.warps, cfg.ahead, cfg.routed)  # fmt: skip
         if aq2:
             h = nvfp4_fake_quantize(h, down.scalars[0, 1:])
-        out = torch.empty(T, H, dtype=out_dtype, device=x.device)
-        _decode_launch((H // 16, T), h, down, out, flat_ids, weights, H, inter, topk, 0.0, aq2, False,
-                       triton.next_power_of_2(topk), cfg.down_ahead)  # fmt: skip
-        return out
-    h = torch.empty(T * topk, inter, dtype=torch.bfloat16, device=x.device)
+        _mma_sync_launch(grid_dn, h, down, out, ids, block_expert, weights, H, inter, topk, 0.0, aq2, False,
+                         down_warps, cfg.down_ahead, cfg.routed)  # fmt: skip
+        return out.view(T, topk, H).sum(1).to(out_dtype) if cfg.routed else out
     bm, bn, bk, warps = tuple(config)[:4] if config else _moe_blocks(T * topk, nvfp4)
     ids, block_expert = route(topk_ids, E, bm)
     y = torch.empty(T * topk, H, dtype=torch.float32, device=x.device)
@@ -475,19 +538,24 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     return y.view(T, topk, H).sum(1).to(out_dtype)
 
 
-def _decode_launch(grid, x, ex: Experts, out, ids, weights, n, k, topk, limit, alpha_idx, has_limit, warps, ahead) -> None:
-    """One `_moe_mma_sync_kernel` launch: gate_up (grid (N / 16, pairs), `warps` sharing K) or down (grid (N / 16,
-    tokens), `warps` = TOPK rounded up to a power of two, one a pair)."""
+def _mma_sync_launch(grid, x, ex: Experts, out, ids, block_expert, weights, n, k, topk, limit, alpha_idx, has_limit,
+                     warps, ahead, routed) -> None:  # fmt: skip
+    """One `_moe_mma_sync_kernel` launch: gate_up or down (by the weight's rows), decode or routed; `warps` share K
+    (halved until they split it into whole 128-column steps), except at decode's down, where each takes a pair."""
     glu = ex.shape[1] == 2 * n  # gate_up: the gate's and the up projection's rows
+    shared_k = glu or routed
+    while shared_k and warps > 1 and k % (128 * warps):
+        warps //= 2
     tr = 2 if glu else 1
     step, load = _MMA_SYNC_PTX[tr, 1, ahead, _step_checks(tr, 1, warps)]
     sets = _sets(tr, ahead)
-    span = k // warps if glu else k
+    span = k // warps if shared_k else k
     _moe_mma_sync_kernel[grid](
-        x, ex.weight.view(torch.int32), ex.weight_scale.view(torch.int32), ex.scalars, out, ids, weights, n, k, x.stride(0),
-        topk, limit, alpha_idx, GLU=glu, HAS_LIMIT=has_limit, ASM=not interpreting(), W=warps, P=warps, STEP=step,
-        LOAD=load, PX=ahead, ODD=span % 256 != 0, SUM=_warp_sum_ptx(4 * tr, warps, warps, False) if warps > 1 else "",
-        SETS=sets, SETS_SUM=_sets_sum_ptx(4 * tr) if sets > 1 else "", num_warps=warps, num_stages=1,
+        x, ex.weight.view(torch.int32), ex.weight_scale.view(torch.int32), ex.scalars, out, ids,
+        ids if block_expert is None else block_expert, weights, n, k, x.stride(0), topk, limit, alpha_idx, GLU=glu,
+        ROUTED=routed, HAS_LIMIT=has_limit, ASM=not interpreting(), W=warps, P=warps, STEP=step, LOAD=load, PX=ahead,
+        ODD=span % 256 != 0, SUM=_warp_sum_ptx(4 * tr, warps, warps, False) if warps > 1 else "", SETS=sets,
+        SETS_SUM=_sets_sum_ptx(4 * tr) if sets > 1 else "", num_warps=warps, num_stages=1,
     )  # fmt: skip
 
 
@@ -503,7 +571,8 @@ def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int]:
     return 64, 128, 64, 8
 
 
-MOE_DECODE_MAX_PAIRS = 256  # 32 tokens at top-8: beyond, the routed kernel is faster (BENCHMARKS.md, seventeenth session)
+MOE_DECODE_MAX_PAIRS = 16  # 2 tokens at top-8: beyond, routing the pairs in blocks of 8 pays (BENCHMARKS.md, seventeenth session)
+MOE_MMA_SYNC_MAX_PAIRS = 2048  # beyond, Triton's MMA over 64 pairs a block reads each expert's weights fewer times
 
 
 # -- plain-torch reference --------------------------------------------------------------------------

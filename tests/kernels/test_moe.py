@@ -5,7 +5,7 @@ import torch
 
 from stepquant.formats import FORMATS
 from stepquant.kernels import moe
-from stepquant.kernels.moe import Decode, Experts, fused_moe, fused_moe_reference, route
+from stepquant.kernels.moe import MmaSync, Experts, fused_moe, fused_moe_reference, route
 
 E, H, INTER, T, TOPK = 5, 64, 64, 7, 2
 
@@ -87,9 +87,10 @@ def test_fused_moe_matches_reference(device, fmt, mode, tol, limit):
 
 @pytest.mark.parametrize("limit", [None, 0.5])
 @pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
-def test_decode_kernels_match_reference(device, mode, limit):
-    """Blocked experts at decode (one program per pair, then per token with the combine; top-3: a down warp past the
-    pairs). On CUDA also against the routed kernel, with other warp counts and activations a step ahead."""
+def test_mma_sync_kernels_match_reference(device, mode, limit):
+    """Blocked experts through the mma.sync kernels: at decode (one program per pair, then per token with the combine;
+    top-3: a down warp past the pairs) and routed (blocks of 8 pairs of one expert). On CUDA also against Triton's
+    MMA kernel, with other warp counts and activations a step ahead."""
     x, ids, w, gu, dn = _layer("nvfp4", device, seed=2, hidden=128 if device == "cpu" else 512, inter=128, topk=3, tokens=3)
     assert gu.blocked and dn.blocked
     ref = fused_moe_reference(x, ids, w, gu, dn, mode, limit=limit)
@@ -97,9 +98,12 @@ def test_decode_kernels_match_reference(device, mode, limit):
     out32 = fused_moe(x, ids, w, gu, dn, mode, limit=limit, out_dtype=torch.float32)
     assert _rel(out32, ref) < tol
     assert _rel(fused_moe(x, ids, w, gu, dn, mode, limit=limit), ref) < 1e-2  # the BF16 output's rounding
+    # the pairs routed to their experts in blocks of 8, through the same kernel
+    assert _rel(fused_moe(x, ids, w, gu, dn, mode, limit=limit, config=MmaSync(routed=True), out_dtype=torch.float32), ref) < tol
     if device == "cuda":
         assert _rel(fused_moe(x, ids, w, gu, dn, mode, limit=limit, config=(16, 16, 64, 4), out_dtype=torch.float32), out32) < tol
-        for cfg in (Decode(warps=2, ahead=True, down_ahead=True), Decode(warps=1), Decode(warps=4, ahead=True)):
+        for cfg in (MmaSync(warps=2, ahead=True, down_ahead=True), MmaSync(warps=1), MmaSync(warps=4, ahead=True),
+                    MmaSync(4, True, True, True, 4), MmaSync(1, False, False, True, 1)):
             assert _rel(fused_moe(x, ids, w, gu, dn, mode, limit=limit, config=cfg, out_dtype=torch.float32), out32) < 1e-6
 
 
@@ -123,7 +127,7 @@ def test_decode_kernels_need_blocked_experts(device):
     x, ids, w, gu, dn = _layer("nvfp4", device)  # K = 64: not blocked
     assert not gu.blocked
     with pytest.raises(ValueError, match="blocked"):
-        fused_moe(x, ids, w, gu, dn, "w4a16", config=Decode())
+        fused_moe(x, ids, w, gu, dn, "w4a16", config=MmaSync())
 
 
 def test_w4a4_differs_from_w4a16(device):
@@ -136,7 +140,7 @@ def test_w4a4_differs_from_w4a16(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Step-3.7 shapes need CUDA")
-@pytest.mark.parametrize("tokens", [1, 16, 512, 4096])
+@pytest.mark.parametrize("tokens", [1, 16, 64, 512, 4096])
 def test_fused_moe_step_shapes(tokens):
     from stepquant.bench import step_moe_layer
 
@@ -163,7 +167,7 @@ def test_fused_moe_other_families_at_decode(hidden, inter, experts, topk):
 
     (gu, dn), _ = step_moe_layer(experts, hidden, inter, with_bf16=False)
     assert gu.blocked and dn.blocked
-    for tokens in (1, 5, 16):
+    for tokens in (1, 5, 16, 64):
         g = torch.Generator(device="cuda").manual_seed(tokens)
         x = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
         w, ids = torch.rand(tokens, experts, device="cuda", generator=g).topk(topk, -1)
