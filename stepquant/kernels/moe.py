@@ -4,8 +4,8 @@ the SwiGLU (Step clamp optional) in its epilogue, one for down with the routing 
 Experts are NVFP4 (`w4a16`: BF16 activations; `w4a4`: activations quantized with Blackwell's recipe, the
 SwiGLU output re-quantized with the down input scale), FP8 (static per-tensor activations, W8A8 emulated
 exactly on the BF16 MMA) or BF16. One activation scale per projection and layer: the max over experts.
-NVFP4 experts are stored in the linear's blocks and run through the linear's mma.sync step: at decode (up to 2 tokens
-at top-8) without routing, one program per pair (gate_up) and per token (down, with the combine); up to 256 tokens
+NVFP4 experts are stored in the linear's blocks and run through the linear's mma.sync step: at decode (up to 4 tokens
+at top-8) without routing, one program per pair (gate_up) and per token (down, with the combine); up to 512 tokens
 routed in blocks of 8 pairs of one expert; beyond, Triton's MMA over blocks of 64.
 """
 
@@ -446,10 +446,10 @@ class MmaSync(NamedTuple):
     def rule(cls, tokens: int, topk: int, hidden: int, inter: int) -> MmaSync:
         """From H100 sweeps at Step shapes (BENCHMARKS.md, seventeenth session): decode up to MOE_DECODE_MAX_PAIRS
         pairs, 4 warps on gate_up's K, activations ahead where all of a kernel's warps are resident at once (2048 or
-        fewer, as in the linear's rule); routed beyond, 4 warps on gate_up's K up to 512 pairs, then 1, one on down's."""
+        fewer, as in the linear's rule); routed beyond, 4 warps on gate_up's K up to 1024 pairs, then 1, one on down's."""
         pairs = tokens * topk
         if pairs > MOE_DECODE_MAX_PAIRS:
-            return cls(4 if pairs <= 512 else 1, routed=True)
+            return cls(4 if pairs <= 1024 else 1, routed=True)
         return cls(4, pairs * inter // 16 * 4 <= 2048, tokens * hidden // 16 * triton.next_power_of_2(topk) <= 2048)
 
 
@@ -571,8 +571,8 @@ def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int]:
     return 64, 128, 64, 8
 
 
-MOE_DECODE_MAX_PAIRS = 16  # 2 tokens at top-8: beyond, routing the pairs in blocks of 8 pays (BENCHMARKS.md, seventeenth session)
-MOE_MMA_SYNC_MAX_PAIRS = 2048  # beyond, Triton's MMA over 64 pairs a block reads each expert's weights fewer times
+MOE_DECODE_MAX_PAIRS = 32  # 4 tokens at top-8: beyond, routing the pairs in blocks of 8 pays (BENCHMARKS.md, seventeenth session)
+MOE_MMA_SYNC_MAX_PAIRS = 4096  # beyond, Triton's MMA over 64 pairs a block reads each expert's weights fewer times
 
 
 # -- plain-torch reference --------------------------------------------------------------------------
