@@ -32,7 +32,7 @@ class Experts:
     """One stacked projection of a layer's experts on the device: weight [E, N, K] (NVFP4 packed
     [E, N, K/2] with E4M3 scales [E, N, K/16]; FP8 as uint8 bits), and per-expert fp32 scalars
     [E, 4] = (weight scale, input_scale x weight scale, 1 / input_scale, input_scale). `blocked`: each NVFP4 expert
-    in NVFP4Weight's blocks (the decode kernels need them)."""
+    in NVFP4Weight's blocks (the mma.sync kernels need them)."""
 
     fmt: str
     weight: torch.Tensor
