@@ -238,7 +238,7 @@ def _moe_mma_sync_kernel(
             e = tl.load(ids_ptr + pair).to(tl.int64)
             xrow = pair
             span = K
-            kw = j * 0
+            kw = 0
         block = (e * (NW // 16) + row // 16) * (K // 128) + kw // 128  # the warp's first block
         wp = w_ptr + block * 256 + elem % 32 * 4
         sp = sf_ptr.to(tl.pointer_type(tl.uint8)) + block * 128 + elem % 32 * 2
@@ -275,14 +275,18 @@ def _moe_mma_sync_kernel(
     else:
         rn = pid_n * 16 + tl.arange(0, 16)
         rk = tl.arange(0, 128)
-        if ROUTED:  # [16 rows, 8 token columns]
-            pairs = tl.load(ids_ptr + q * 8 + tl.arange(0, 8))
+        if ROUTED or GLU:  # [16 rows, 8 token columns]: a block's pairs, or at decode (GLU) the pair alone
+            if ROUTED:
+                pairs = tl.load(ids_ptr + q * 8 + tl.arange(0, 8))
+                e = e_block.to(tl.int64)
+            else:
+                pairs = tl.where(tl.arange(0, 8) == 0, q, -1)
+                e = tl.load(ids_ptr + q).to(tl.int64)
             valid = pairs >= 0
             if GLU:
                 xr = tl.where(valid, pairs // TOPK, 0)
             else:
                 xr = tl.where(valid, pairs, 0)
-            e = e_block.to(tl.int64)
             R: tl.constexpr = 32 if GLU else 16
             rows = e * NW + pid_n * 16 + tl.arange(0, R) % 16 + tl.arange(0, R) // 16 * N
             acc = tl.zeros((R, 8), dtype=tl.float32)
@@ -297,29 +301,18 @@ def _moe_mma_sync_kernel(
             else:
                 y = acc * alpha * tl.load(topk_w_ptr + pairs, mask=valid, other=0.0)[None, :]
             tl.store(out_ptr + pairs[None, :] * N + rn[:, None], y.to(out_ptr.dtype.element_ty), mask=valid[None, :])
-        else:
-            if GLU:  # the gate's 16 rows, then the up projection's
-                e = tl.load(ids_ptr + q).to(tl.int64)
-                rows = e * NW + pid_n * 16 + tl.arange(0, 32) % 16 + tl.arange(0, 32) // 16 * N
-                acc = tl.zeros((32,), dtype=tl.float32)
-                for k0 in range(0, K, 128):
-                    x = tl.load(a_ptr + (q // TOPK) * stride_a + k0 + rk).to(tl.float32)
-                    acc += tl.sum(_nvfp4_tile(w_ptr, sf_ptr, rows, rows >= 0, k0, K, False, 32, 128, BLOCKED=True).to(tl.float32) * x[None, :], 1)
-                gate, up = tl.split(tl.permute(tl.reshape(acc, (2, 16)), (1, 0)))
-                y = _epilogue(gate, up, tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0, limit, True, HAS_LIMIT)
-            else:
-                pj = tl.arange(0, P)
-                pair = q * TOPK + tl.minimum(pj, TOPK - 1)
-                e = tl.load(ids_ptr + pair).to(tl.int64)
-                rows = tl.reshape(e[:, None] * NW + rn[None, :], (P * 16,))
-                acc = tl.zeros((P, 16), dtype=tl.float32)
-                for k0 in range(0, K, 128):
-                    x = tl.load(a_ptr + pair[:, None] * stride_a + k0 + rk[None, :]).to(tl.float32)
-                    wt = tl.reshape(_nvfp4_tile(w_ptr, sf_ptr, rows, rows >= 0, k0, K, False, P * 16, 128, BLOCKED=True), (P, 16, 128))
-                    acc += tl.sum(wt.to(tl.float32) * x[:, None, :], 2)
-                coef = tl.where(pj < TOPK, tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair), 0.0)
-                y = tl.sum(acc * coef[:, None], 0)
-            tl.store(out_ptr + q * N + rn, y.to(out_ptr.dtype.element_ty), mask=rn < N)
+        else:  # decode, down: a token's pairs on the first axis
+            pj = tl.arange(0, P)
+            pair = q * TOPK + tl.minimum(pj, TOPK - 1)
+            e = tl.load(ids_ptr + pair).to(tl.int64)
+            rows = tl.reshape(e[:, None] * NW + rn[None, :], (P * 16,))
+            acc = tl.zeros((P, 16), dtype=tl.float32)
+            for k0 in range(0, K, 128):
+                x = tl.load(a_ptr + pair[:, None] * stride_a + k0 + rk[None, :]).to(tl.float32)
+                wt = tl.reshape(_nvfp4_tile(w_ptr, sf_ptr, rows, rows >= 0, k0, K, False, P * 16, 128, BLOCKED=True), (P, 16, 128))
+                acc += tl.sum(wt.to(tl.float32) * x[:, None, :], 2)
+            coef = tl.where(pj < TOPK, tl.load(scalars_ptr + e * 4 + ALPHA_IDX) * 256.0 * tl.load(topk_w_ptr + pair), 0.0)
+            tl.store(out_ptr + q * N + rn, tl.sum(acc * coef[:, None], 0).to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
