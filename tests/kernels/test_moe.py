@@ -123,7 +123,7 @@ def test_routed_kernel_reads_each_projection_in_its_layout(device):
     assert _rel(fused_moe(x, ids, w, gu, dn, "w4a16", out_dtype=torch.float32), ref) < (1e-5 if device == "cpu" else 1e-3)
 
 
-def test_decode_kernels_need_blocked_experts(device):
+def test_mma_sync_kernels_need_blocked_experts(device):
     x, ids, w, gu, dn = _layer("nvfp4", device)  # K = 64: not blocked
     assert not gu.blocked
     with pytest.raises(ValueError, match="blocked"):
@@ -161,8 +161,9 @@ def test_fused_moe_step_shapes(tokens):
     (4096, 14336, 4, 2),  # Mixtral 8x7B's (8 experts): two down warps, 112 steps a warp
     (2048, 1408, 16, 6),  # DeepSeek-V2-Lite's (64 experts): two of eight down warps past the pairs, 11 steps (odd)
 ])  # fmt: skip
-def test_fused_moe_other_families_at_decode(hidden, inter, experts, topk):
-    """The decode kernels at other families' hidden and intermediate sizes and top-k (fewer experts, same kernels)."""
+def test_fused_moe_other_families_at_small_batches(hidden, inter, experts, topk):
+    """The mma.sync kernels (decode up to 32 pairs, routed beyond) at other families' hidden and intermediate
+    sizes and top-k (fewer experts, same kernels), and Triton's MMA kernel on the same blocked experts."""
     from stepquant.bench import step_moe_layer
 
     (gu, dn), _ = step_moe_layer(experts, hidden, inter, with_bf16=False)
