@@ -19,7 +19,8 @@ demo: $(STAMP)
 	$(BIN)/stepquant demo --out build/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	# up to 4 worker processes (pytest-xdist): the Triton-interpreter kernel tests and the kill-and-resume tests dominate
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
 
 clean:
 	rm -rf build .pytest_cache
