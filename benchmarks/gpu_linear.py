@@ -29,7 +29,7 @@ from stepquant.kernels.linear import (
     quantize_activations_reference,
 )
 
-SHAPES = SHAPE_SETS["step3p7"]
+SHAPES = SHAPE_SETS["step3p7"].linears
 
 
 def accuracy() -> list[dict]:

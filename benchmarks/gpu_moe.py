@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from stepquant.bench import bench_moe, bench_quantize, copy_bandwidth, graph_time, step_moe_layer
+from stepquant.bench import bench_moe, bench_quantize, copy_bandwidth, graph_time, moe_layer
 from stepquant.kernels.moe import MmaSync, fused_moe
 
 # MmaSync(warps on gate_up's K, gate_up's activations ahead, down's[, routed, warps on down's K]); Triton's MMA over
@@ -49,7 +49,7 @@ def main() -> None:
     print(f"{dev}; copy {bw / 1e12:.2f} TB/s")
     q = bench_quantize(bandwidth=bw)
     print(f"NVFP4 weight quantization, 64 Step experts: {q['ms']:.3f} ms, {q['tb_s']:.2f} TB/s, {q['pct_copy']:.0f}% of copy")
-    (gu, dn), _ = step_moe_layer(with_bf16=False)
+    (gu, dn), _ = moe_layer(with_bf16=False)
     sw = sweep(gu, dn)
     print("\n| tokens | config | ms |\n|---|---|---|")
     for r in sw:

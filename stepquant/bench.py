@@ -1,6 +1,6 @@
 """`stepquant bench kernels`: the device's copy bandwidth, then NVFP4 linear (w4a16, w4a4) against torch
-BF16 at Step-3.7 shapes, the fused MoE, and the NVFP4 weight-quantization kernel against the copy
-bandwidth.
+BF16 at one model's shapes (SHAPE_SETS: Step-3.7 by default, Qwen3-MoE, Mixtral, DeepSeek-V2-Lite, Llama-3),
+its fused MoE, and the NVFP4 weight-quantization kernel against the copy bandwidth.
 
 Timings are medians of CUDA-graph replays (`triton.testing.do_bench`), so launch gaps shrink alike for
 every variant. Needs a CUDA device.
@@ -8,26 +8,79 @@ every variant. Needs a CUDA device.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import StepquantError
 
-SHAPE_SETS: dict[str, dict[str, tuple[int, int]]] = {
-    # name: (N, K) of the weight
-    "step3p7": {
-        "attn q (full) 8192x4096": (8192, 4096),
-        "attn k/v 1024x4096": (1024, 4096),
+@dataclass(frozen=True)
+class MoEShape:
+    """A fused MoE layer to time: routed experts, top-k, hidden and intermediate (per expert) sizes."""
+
+    experts: int
+    topk: int
+    hidden: int
+    inter: int
+
+    def describe(self) -> str:
+        return f"{self.experts} experts, top-{self.topk}, H {self.hidden}, I {self.inter}"
+
+
+@dataclass(frozen=True)
+class ShapeSet:
+    """What `bench kernels --shapes NAME` times: Linear weights by name (N, K) and the model's MoE layer, if any."""
+
+    linears: dict[str, tuple[int, int]]
+    moe: MoEShape | None
+
+
+# From each model's config.json (Step: SPEC section 7). Attention q/o follow the heads x head_dim of each kind of
+# layer; MoE experts are listed both alone (as Linears) and as the fused layer.
+SHAPE_SETS: dict[str, ShapeSet] = {
+    "step3p7": ShapeSet({  # Step-3.7-Flash's language model (= Step-3.5-Flash): hidden 4096, head_dim 128
+        "attn q (full) 8192x4096": (8192, 4096),  # the full-attention layers (every 4th): 64 heads
+        "attn q (sliding) 12288x4096": (12288, 4096),  # the sliding-window layers (the other 3 of 4): 96 heads
+        "attn k/v 1024x4096": (1024, 4096),  # 8 KV groups
         "attn qkv fused 10240x4096": (10240, 4096),  # q, k and v as one GEMM, as vLLM and SGLang run them
         "attn o 4096x8192": (4096, 8192),
-        "dense up 11264x4096": (11264, 4096),
+        "attn o (sliding) 4096x12288": (4096, 12288),
+        "dense up 11264x4096": (11264, 4096),  # layers 0-2
         "dense down 4096x11264": (4096, 11264),
         "expert gate 1280x4096": (1280, 4096),
         "expert down 4096x1280": (4096, 1280),
-    },
-    "small": {"expert gate 1280x4096": (1280, 4096)},
+    }, MoEShape(288, 8, 4096, 1280)),
+    "qwen3moe": ShapeSet({  # Qwen3-30B-A3B: hidden 2048, 32 heads / 4 KV of 128
+        "attn q 4096x2048": (4096, 2048),
+        "attn k/v 512x2048": (512, 2048),
+        "attn o 2048x4096": (2048, 4096),
+        "expert gate 768x2048": (768, 2048),
+        "expert down 2048x768": (2048, 768),
+    }, MoEShape(128, 8, 2048, 768)),
+    "mixtral": ShapeSet({  # Mixtral-8x7B: hidden 4096, 32 heads / 8 KV of 128
+        "attn q/o 4096x4096": (4096, 4096),
+        "attn k/v 1024x4096": (1024, 4096),
+        "expert gate 14336x4096": (14336, 4096),
+        "expert down 4096x14336": (4096, 14336),
+    }, MoEShape(8, 2, 4096, 14336)),
+    "deepseek-v2-lite": ShapeSet({  # DeepSeek-V2-Lite: hidden 2048, MLA (16 heads, kv rank 512), layer 0 dense
+        "attn q 3072x2048": (3072, 2048),
+        "attn kv_a 576x2048": (576, 2048),
+        "attn kv_b 4096x512": (4096, 512),
+        "attn o 2048x2048": (2048, 2048),
+        "dense up 10944x2048": (10944, 2048),
+        "dense down 2048x10944": (2048, 10944),
+        "expert gate 1408x2048": (1408, 2048),
+        "expert down 2048x1408": (2048, 1408),
+    }, MoEShape(64, 6, 2048, 1408)),
+    "llama3-8b": ShapeSet({  # Llama-3-8B (dense): hidden 4096, 32 heads / 8 KV of 128
+        "attn q/o 4096x4096": (4096, 4096),
+        "attn k/v 1024x4096": (1024, 4096),
+        "mlp up 14336x4096": (14336, 4096),
+        "mlp down 4096x14336": (4096, 14336),
+    }, None),
+    "small": ShapeSet({"expert gate 1280x4096": (1280, 4096)}, MoEShape(32, 8, 4096, 1280)),  # for tests
 }
 MS = (1, 8, 16, 64, 256, 2048)
 
@@ -86,7 +139,7 @@ def bench_linear(shapes: str = "step3p7", ms: tuple[int, ...] = MS, bandwidth: f
         raise StepquantError(f"unknown shape set {shapes!r} (choose from {', '.join(SHAPE_SETS)})")
     bw = bandwidth or copy_bandwidth()
     rows = []
-    for name, (n, k) in SHAPE_SETS[shapes].items():
+    for name, (n, k) in SHAPE_SETS[shapes].linears.items():
         w, p = nvfp4_layer(n, k)
         wbytes = n * k // 2 + n * k // 16
         c16, c4 = cold_copies(2 * n * k), cold_copies(wbytes)
@@ -126,8 +179,9 @@ def bench_quantize(experts: int = 64, bandwidth: float | None = None) -> dict:
 MOE_TOKENS = (1, 8, 16, 64, 256, 2048, 4096)
 
 
-def step_moe_layer(experts: int = 288, hidden: int = 4096, inter: int = 1280, seed: int = 0, with_bf16: bool = True):
-    """A random Step-3.7 MoE layer on the GPU as NVFP4 (gate_up, down) and BF16 (gate_up, down) experts."""
+def moe_layer(experts: int = 288, hidden: int = 4096, inter: int = 1280, seed: int = 0, with_bf16: bool = True):
+    """A random MoE layer (Step-3.7's sizes by default) on the GPU as NVFP4 (gate_up, down) and BF16 (gate_up,
+    down) experts."""
     from .kernels.moe import Experts
     from .kernels.quantize import nvfp4_quantize
 
@@ -143,15 +197,16 @@ def step_moe_layer(experts: int = 288, hidden: int = 4096, inter: int = 1280, se
     return nv, bf
 
 
-def bench_moe(tokens: tuple[int, ...] = MOE_TOKENS, topk: int = 8, bandwidth: float | None = None,
-              experts: int = 288) -> list[dict]:  # fmt: skip
-    """Fused MoE (Step-3.7: 288 experts, top-8, H 4096, I 1280) per token count: BF16 experts, w4a16 and
-    w4a4 times, and the % of the copy bandwidth that the bytes of the experts actually touched need."""
+def bench_moe(tokens: tuple[int, ...] = MOE_TOKENS, shape: MoEShape = SHAPE_SETS["step3p7"].moe,
+              bandwidth: float | None = None) -> list[dict]:  # fmt: skip
+    """Fused MoE (Step-3.7's by default) per token count: BF16 experts, w4a16 and w4a4 times, and the % of the copy
+    bandwidth that the bytes of the experts actually touched need."""
     from .kernels.moe import fused_moe
 
     _cuda()
     bw = bandwidth or copy_bandwidth()
-    (gu, dn), (gu16, dn16) = step_moe_layer(experts)
+    experts, topk = shape.experts, shape.topk
+    (gu, dn), (gu16, dn16) = moe_layer(experts, shape.hidden, shape.inter)
     _, two_i, hidden = gu.shape
     per_expert = (two_i * hidden + hidden * two_i // 2) * (0.5 + 1 / 16)
     rows = []
@@ -175,13 +230,18 @@ def bench_moe(tokens: tuple[int, ...] = MOE_TOKENS, topk: int = 8, bandwidth: fl
 def bench_kernels(shapes: str = "step3p7") -> dict:
     """Everything `stepquant bench kernels` prints, as one JSON-ready dict."""
     _cuda()
+    if shapes not in SHAPE_SETS:
+        raise StepquantError(f"unknown shape set {shapes!r} (choose from {', '.join(SHAPE_SETS)})")
+    moe = SHAPE_SETS[shapes].moe
     bw = copy_bandwidth()
     return {
         "device": torch.cuda.get_device_name(0),
+        "shapes": shapes,
         "copy_tb_s": bw / 1e12,
         "quantize": bench_quantize(bandwidth=bw),
         "linear": bench_linear(shapes, bandwidth=bw),
-        "moe": bench_moe(bandwidth=bw, experts=288 if shapes == "step3p7" else 32),
+        "moe_shape": asdict(moe) if moe else None,
+        "moe": bench_moe(shape=moe, bandwidth=bw) if moe else [],
     }
 
 
@@ -274,7 +334,9 @@ def format_kernels(r: dict) -> str:
     for x in r["linear"]:
         lines.append(f"| {x['shape']} | {x['M']} | {x['mode']} | {x['ms']:.4f} | {x['bf16_ms']:.4f} | "
                      f"{x['speedup_vs_bf16']:.2f} | {x['gb_s']:.0f} | {x['pct_copy']:.0f}% | {x['tflops']:.1f} |")  # fmt: skip
-    lines += ["", "Fused MoE (288 experts, top-8, H 4096, I 1280); roofline = bytes of the experts touched",
+    if not r.get("moe_shape"):
+        return "\n".join(lines)
+    lines += ["", f"Fused MoE ({MoEShape(**r['moe_shape']).describe()}); roofline = bytes of the experts touched",
               "", "| tokens | experts touched | mode | ms | BF16 experts ms | x bf16 | % roofline | TFLOP/s |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for x in r["moe"]:

@@ -15,10 +15,11 @@ def command() -> None:
 
 
 @command.command("kernels")
-@click.option("--shapes", type=click.Choice(list(SHAPE_SETS)), default="step3p7", show_default=True)
+@click.option("--shapes", type=click.Choice(list(SHAPE_SETS)), default="step3p7", show_default=True,
+              help="Whose Linear and MoE shapes to time.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def kernels(shapes: str, as_json: bool) -> None:
-    """Copy bandwidth, NVFP4 quantization kernel, and NVFP4 linear vs torch BF16."""
+    """Copy bandwidth, NVFP4 quantization kernel, NVFP4 linear and fused MoE vs torch BF16."""
     result = bench_kernels(shapes)
     click.echo(json.dumps(result, indent=2) if as_json else format_kernels(result))
 

@@ -142,9 +142,9 @@ def test_w4a4_differs_from_w4a16(device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Step-3.7 shapes need CUDA")
 @pytest.mark.parametrize("tokens", [1, 16, 64, 512, 4096])
 def test_fused_moe_step_shapes(tokens):
-    from stepquant.bench import step_moe_layer
+    from stepquant.bench import moe_layer
 
-    (gu, dn), _ = step_moe_layer(288, with_bf16=False)
+    (gu, dn), _ = moe_layer(288, with_bf16=False)
     g = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, 4096, device="cuda", generator=g).to(torch.bfloat16)
     w, ids = torch.rand(tokens, 288, device="cuda", generator=g).topk(8, -1)
@@ -164,9 +164,9 @@ def test_fused_moe_step_shapes(tokens):
 def test_fused_moe_other_families_at_small_batches(hidden, inter, experts, topk):
     """The mma.sync kernels (decode up to 32 pairs, routed beyond) at other families' hidden and intermediate
     sizes and top-k (fewer experts, same kernels), and Triton's MMA kernel on the same blocked experts."""
-    from stepquant.bench import step_moe_layer
+    from stepquant.bench import moe_layer
 
-    (gu, dn), _ = step_moe_layer(experts, hidden, inter, with_bf16=False)
+    (gu, dn), _ = moe_layer(experts, hidden, inter, with_bf16=False)
     assert gu.blocked and dn.blocked
     for tokens in (1, 5, 16, 64):
         g = torch.Generator(device="cuda").manual_seed(tokens)
