@@ -756,12 +756,15 @@ def _gemv_blocks(m: int, n: int, k: int, blocked: bool = True) -> Tiling:
         return Tiling("fma" if m == 1 else "dot", (1 if m == 1 else 16), 16, 64, 4, (2 if k >= 128 else 1))
     if shared:
         return shared
-    if m == 1:  # small tiles, a deep cp.async pipeline, K split only when there are few programs
+    if m == 1:  # small tiles, a deep cp.async pipeline, K split only when there are few programs or long rows
         bn, bk, warps = (8 if n * k < 1 << 23 else 16), _fit(256, k), 2
         if k % 512 == 0 and (bn == 8 or k >= 8192):  # small matrices, long rows: twice the columns, twice the warps
             bk, warps = 512, 4
         tiles, split = triton.cdiv(n, bn), 1
-        while tiles * split < 128 and k // (split * 2) >= 2 * bk:
+        # long rows of narrow tiles (DeepSeek-V2-Lite's dense down, K 10944 in 171 64-column steps): split to 512
+        # programs while a split keeps 32 steps, 35.7 -> 13.6 us (BENCHMARKS.md, eighteenth session)
+        while ((tiles * split < 128 and k // (split * 2) >= 2 * bk)
+               or (tiles * split < 512 and k // (split * 2 * bk) >= 32)):  # fmt: skip
             split *= 2
         return Tiling("fma", 1, bn, bk, warps, split, 5)
     if mma_sync:  # 64 rows a program (1 x 1 tiles a warp, 4 warps; 2 x 2, 2 warps), K split until >= 512 programs

@@ -436,12 +436,15 @@ class MmaSync(NamedTuple):
     down_warps: int = 1
 
     @classmethod
-    def rule(cls, tokens: int, topk: int, hidden: int, inter: int) -> MmaSync:
-        """From H100 sweeps at Step shapes (BENCHMARKS.md, seventeenth session): decode up to MOE_DECODE_MAX_PAIRS
+    def rule(cls, tokens: int, topk: int, hidden: int, inter: int, experts: int) -> MmaSync:
+        """From H100 sweeps (BENCHMARKS.md, seventeenth and eighteenth sessions): decode up to MOE_DECODE_MAX_PAIRS
         pairs, 4 warps on gate_up's K, activations ahead where all of a kernel's warps are resident at once (2048 or
-        fewer, as in the linear's rule); routed beyond, 4 warps on gate_up's K up to 1024 pairs, then 1, one on down's."""
+        fewer, as in the linear's rule); routed beyond, 4 warps on gate_up's K up to 1024 pairs, then 1, one on down's.
+        Decode reads an expert once a pair, so where the pairs would share experts (few experts: Mixtral's 8 at 3
+        tokens and more) the routed blocks, which read it once a block, take over."""
         pairs = tokens * topk
-        if pairs > MOE_DECODE_MAX_PAIRS:
+        touched = experts * (1 - (1 - topk / experts) ** tokens)  # the distinct experts expected (uniform routing)
+        if pairs > MOE_DECODE_MAX_PAIRS or pairs > MOE_DECODE_MAX_SHARING * touched:
             return cls(4 if pairs <= 1024 else 1, routed=True)
         return cls(4, pairs * inter // 16 * 4 <= 2048, tokens * hidden // 16 * triton.next_power_of_2(topk) <= 2048)
 
@@ -477,7 +480,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         a = nvfp4_fake_quantize(a, gate_up.scalars[0, 1:])
     h = torch.empty(T * topk, inter, dtype=torch.bfloat16, device=x.device)
     if isinstance(config, MmaSync) or (config is None and blocked and T * topk <= MOE_MMA_SYNC_MAX_PAIRS):
-        cfg = config if isinstance(config, MmaSync) else MmaSync.rule(T, topk, H, inter)
+        cfg = config if isinstance(config, MmaSync) else MmaSync.rule(T, topk, H, inter, E)
         if cfg.routed:
             ids, block_expert = route(topk_ids, E, 8)
             grid_gu, grid_dn = (inter // 16, block_expert.numel()), (H // 16, block_expert.numel())
@@ -565,6 +568,9 @@ def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int]:
 
 
 MOE_DECODE_MAX_PAIRS = 32  # 4 tokens at top-8: beyond, routing the pairs in blocks of 8 pays (BENCHMARKS.md, seventeenth session)
+# and only while the pairs expected a touched expert stay at most this: Mixtral (8 experts, top-2) at 2 tokens (1.14)
+# decodes faster, at 3 (1.30) routed (BENCHMARKS.md, eighteenth session)
+MOE_DECODE_MAX_SHARING = 1.2
 MOE_MMA_SYNC_MAX_PAIRS = 4096  # beyond, Triton's MMA over 64 pairs a block reads each expert's weights fewer times
 
 

@@ -258,3 +258,12 @@ def test_many_rows_match_reference(device, mode):
     ref = nvfp4_linear_reference(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu(), p["weight_scale_2"], isc, mode=mode)
     assert _rel(nvfp4_linear(x, w, mode=mode, out_dtype=torch.float32), ref) < 1e-5
     assert _rel(nvfp4_linear(x, w, mode=mode), ref) < 1e-2
+
+
+def test_one_row_rule_splits_long_rows_of_few_tiles(monkeypatch):
+    """The GPU's rule (not the interpreter's): DeepSeek-V2-Lite's dense down, unblocked (K 10944: 171 64-column steps,
+    128 tiles), splits K four ways; short rows and many tiles stay whole (BENCHMARKS.md, eighteenth session)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _gemv_blocks(1, 2048, 10944, blocked=False) == Tiling("fma", 1, 16, 64, 2, 4, 5)
+    assert _gemv_blocks(1, 2048, 1408).split == 1  # 11 steps a program
+    assert _gemv_blocks(1, 10944, 2048, blocked=False).split == 1  # 684 tiles

@@ -95,9 +95,9 @@ def test_mma_sync_kernels_match_reference(device, mode, limit):
     assert gu.blocked and dn.blocked
     ref = fused_moe_reference(x, ids, w, gu, dn, mode, limit=limit)
     tol = 1e-5 if device == "cpu" else 1e-3
-    out32 = fused_moe(x, ids, w, gu, dn, mode, limit=limit, out_dtype=torch.float32)
+    out32 = fused_moe(x, ids, w, gu, dn, mode, limit=limit, config=MmaSync(), out_dtype=torch.float32)  # decode
     assert _rel(out32, ref) < tol
-    assert _rel(fused_moe(x, ids, w, gu, dn, mode, limit=limit), ref) < 1e-2  # the BF16 output's rounding
+    assert _rel(fused_moe(x, ids, w, gu, dn, mode, limit=limit), ref) < 1e-2  # the rule's choice; the BF16 output's rounding
     # the pairs routed to their experts in blocks of 8, through the same kernel
     assert _rel(fused_moe(x, ids, w, gu, dn, mode, limit=limit, config=MmaSync(routed=True), out_dtype=torch.float32), ref) < tol
     if device == "cuda":
@@ -105,6 +105,17 @@ def test_mma_sync_kernels_match_reference(device, mode, limit):
         for cfg in (MmaSync(warps=2, ahead=True, down_ahead=True), MmaSync(warps=1), MmaSync(warps=4, ahead=True),
                     MmaSync(4, True, True, True, 4), MmaSync(1, False, False, True, 1)):
             assert _rel(fused_moe(x, ids, w, gu, dn, mode, limit=limit, config=cfg, out_dtype=torch.float32), out32) < 1e-6
+
+
+def test_decode_gives_way_to_routed_blocks_where_pairs_share_experts():
+    """Decode reads an expert once a pair, the routed blocks once a block: with few experts (Mixtral's 8, top-2) the
+    pairs share them from 3 tokens on (BENCHMARKS.md, eighteenth session)."""
+    assert not MmaSync.rule(2, 2, 4096, 14336, 8).routed  # 4 pairs on 3.5 experts expected: decode was faster
+    assert MmaSync.rule(3, 2, 4096, 14336, 8).routed  # 6 on 4.6: routed was
+    assert not MmaSync.rule(4, 6, 2048, 1408, 64).routed  # DeepSeek-V2-Lite: 24 pairs on 20.8
+    assert not MmaSync.rule(4, 8, 4096, 1280, 288).routed  # Step: 32 pairs, nearly all on distinct experts
+    assert MmaSync.rule(5, 8, 4096, 1280, 288).routed  # past MOE_DECODE_MAX_PAIRS
+    assert MmaSync.rule(1, 8, 4096, 1280, 288) == MmaSync(4, False, True)  # one token: down's activations ahead
 
 
 def test_experts_check_their_scales_shape():
