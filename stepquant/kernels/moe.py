@@ -443,10 +443,17 @@ class MmaSync(NamedTuple):
         Decode reads an expert once a pair, so where the pairs would share experts (few experts: Mixtral's 8 at 3
         tokens and more) the routed blocks, which read it once a block, take over."""
         pairs = tokens * topk
-        touched = experts * (1 - (1 - topk / experts) ** tokens)  # the distinct experts expected (uniform routing)
-        if pairs > MOE_DECODE_MAX_PAIRS or pairs > MOE_DECODE_MAX_SHARING * touched:
+        if pairs > MOE_DECODE_MAX_PAIRS or sharing(tokens, topk, experts) > MOE_DECODE_MAX_SHARING:
             return cls(4 if pairs <= 1024 else 1, routed=True)
         return cls(4, pairs * inter // 16 * 4 <= 2048, tokens * hidden // 16 * triton.next_power_of_2(topk) <= 2048)
+
+
+def sharing(tokens: int, topk: int, experts: int) -> float:
+    """The (token, expert) pairs expected per expert touched, with each token's top-k a uniform draw of distinct
+    experts: how many times a kernel that reads an expert once a pair (or a block of pairs) would re-read it."""
+    if tokens == 0:
+        return 1.0
+    return tokens * topk / (experts * (1 - (1 - topk / experts) ** tokens))
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: Experts,
@@ -455,9 +462,9 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     """Routed experts of one MoE layer: `sum_j w_j * down_e(SwiGLU(gate_up_e(x)))` for each token's
     top-k experts `e = topk_ids[t, j]` with weights `topk_weights[t, j]`; `limit` is the Step clamp.
     gate_up's rows are the gate then the up projection; x [T, H] -> [T, H] (fp32 keeps the combine's
-    sum unrounded, for checking). Blocked NVFP4 experts run the mma.sync kernels up to MOE_MMA_SYNC_MAX_PAIRS pairs
-    (or with an `MmaSync` config); else Triton's MMA over the routed pairs, `config` = (BM, BN, BK, warps)
-    overriding its tiling."""
+    sum unrounded, for checking). Blocked NVFP4 experts run the mma.sync kernels up to MOE_MMA_SYNC_MAX_SHARING
+    pairs an expert (`sharing`; or with an `MmaSync` config); else Triton's MMA over the routed pairs, `config` =
+    (BM, BN, BK, warps) overriding its tiling."""
     T, H = x.shape
     E, two_i, _ = gate_up.shape
     inter = two_i // 2
@@ -479,7 +486,8 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if nvfp4 and aq1:
         a = nvfp4_fake_quantize(a, gate_up.scalars[0, 1:])
     h = torch.empty(T * topk, inter, dtype=torch.bfloat16, device=x.device)
-    if isinstance(config, MmaSync) or (config is None and blocked and T * topk <= MOE_MMA_SYNC_MAX_PAIRS):
+    share = sharing(T, topk, E)
+    if isinstance(config, MmaSync) or (config is None and blocked and share <= MOE_MMA_SYNC_MAX_SHARING):
         cfg = config if isinstance(config, MmaSync) else MmaSync.rule(T, topk, H, inter, E)
         if cfg.routed:
             ids, block_expert = route(topk_ids, E, 8)
@@ -498,7 +506,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         _mma_sync_launch(grid_dn, h, down, out, ids, block_expert, weights, H, inter, topk, 0.0, aq2, False,
                          down_warps, cfg.down_ahead, cfg.routed)  # fmt: skip
         return out.view(T, topk, H).sum(1).to(out_dtype) if cfg.routed else out
-    bm, bn, bk, warps = tuple(config)[:4] if config else _moe_blocks(T * topk, nvfp4)
+    bm, bn, bk, warps = tuple(config)[:4] if config else _moe_blocks(T * topk, nvfp4, share)
     ids, block_expert = route(topk_ids, E, bm)
     y = torch.empty(T * topk, H, dtype=torch.float32, device=x.device)
     if nvfp4:
@@ -555,13 +563,14 @@ def _mma_sync_launch(grid, x, ex: Experts, out, ids, block_expert, weights, n, k
     )  # fmt: skip
 
 
-def _moe_blocks(pairs: int, nvfp4: bool) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, warps) of the routed kernels by the number of (token, expert) pairs (the best of sweeps on an
-    H100, BENCHMARKS.md). NVFP4 experts: BN counts weight rows (the MMA's M side), BK a multiple of 64."""
+def _moe_blocks(pairs: int, nvfp4: bool, share: float) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, warps) of the routed kernels by the number of (token, expert) pairs and the pairs expected an
+    expert (`sharing`) (the best of sweeps on an H100, BENCHMARKS.md). NVFP4 experts: BN counts weight rows (the MMA's
+    M side), BK a multiple of 64; BM grows with the pairs an expert, which each block's weight reads serve."""
     if interpreting():
         return (16, 16, 64, 4) if nvfp4 else (16, 16, 32, 4)
     if nvfp4:
-        return (16, 64, 128, 4) if pairs <= 2048 else (64, 128, 64, 4)
+        return (16, 64, 128, 4) if share <= 12 else (32, 64, 128, 4) if share <= 24 else (64, 128, 64, 4)
     if pairs <= 2048:
         return 16, 32, 128, 4
     return 64, 128, 64, 8
@@ -571,7 +580,9 @@ MOE_DECODE_MAX_PAIRS = 32  # 4 tokens at top-8: beyond, routing the pairs in blo
 # and only while the pairs expected a touched expert stay at most this: Mixtral (8 experts, top-2) at 2 tokens (1.14)
 # decodes faster, at 3 (1.30) routed (BENCHMARKS.md, eighteenth session)
 MOE_DECODE_MAX_SHARING = 1.2
-MOE_MMA_SYNC_MAX_PAIRS = 4096  # beyond, Triton's MMA over 64 pairs a block reads each expert's weights fewer times
+# routed mma.sync blocks (8 pairs) up to this many pairs an expert; beyond, Triton's MMA over 32 or 64 pairs a block
+# reads each expert fewer times (Step: 4320 pairs, 540 tokens; Mixtral: 60 tokens; BENCHMARKS.md, eighteenth session)
+MOE_MMA_SYNC_MAX_SHARING = 15
 
 
 # -- plain-torch reference --------------------------------------------------------------------------

@@ -5,7 +5,8 @@ import torch
 
 from stepquant.formats import FORMATS
 from stepquant.kernels import moe
-from stepquant.kernels.moe import MmaSync, Experts, fused_moe, fused_moe_reference, route
+from stepquant.kernels.moe import (MOE_MMA_SYNC_MAX_SHARING, MmaSync, Experts, _moe_blocks, fused_moe, fused_moe_reference,
+                                   route, sharing)
 
 E, H, INTER, T, TOPK = 5, 64, 64, 7, 2
 
@@ -116,6 +117,18 @@ def test_decode_gives_way_to_routed_blocks_where_pairs_share_experts():
     assert not MmaSync.rule(4, 8, 4096, 1280, 288).routed  # Step: 32 pairs, nearly all on distinct experts
     assert MmaSync.rule(5, 8, 4096, 1280, 288).routed  # past MOE_DECODE_MAX_PAIRS
     assert MmaSync.rule(1, 8, 4096, 1280, 288) == MmaSync(4, False, True)  # one token: down's activations ahead
+
+
+def test_pairs_an_expert_pick_the_routed_kernel_and_its_blocks(monkeypatch):
+    """`sharing`: the pairs expected per touched expert. The routed mma.sync blocks (8 pairs) serve up to 15 of them;
+    beyond, Triton's MMA with 32, then 64 pairs a block (the GPU's tilings, not the interpreter's)."""
+    assert abs(sharing(1, 8, 288) - 1) < 1e-9  # one token's experts are distinct
+    assert abs(sharing(4096, 8, 288) - 4096 * 8 / 288) < 1e-6  # every expert touched
+    assert sharing(512, 8, 288) <= MOE_MMA_SYNC_MAX_SHARING < sharing(64, 2, 8)  # Step at 512 tokens; Mixtral at 64
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _moe_blocks(128, True, sharing(64, 2, 8)) == (32, 64, 128, 4)  # 16 pairs an expert
+    assert _moe_blocks(512, True, sharing(256, 2, 8)) == (64, 128, 64, 4)  # 64
+    assert _moe_blocks(24, True, sharing(4, 6, 64))[0] == 16  # unblocked experts at decode
 
 
 def test_experts_check_their_scales_shape():
