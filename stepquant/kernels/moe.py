@@ -566,11 +566,12 @@ def _mma_sync_launch(grid, x, ex: Experts, out, ids, block_expert, weights, n, k
 def _moe_blocks(pairs: int, nvfp4: bool, share: float) -> tuple[int, int, int, int]:
     """(BM, BN, BK, warps) of the routed kernels by the number of (token, expert) pairs and the pairs expected an
     expert (`sharing`) (the best of sweeps on an H100, BENCHMARKS.md). NVFP4 experts: BN counts weight rows (the MMA's
-    M side), BK a multiple of 64; BM grows with the pairs an expert, which each block's weight reads serve."""
+    M side), BK a multiple of 64; BM grows with the pairs an expert, which each block's weight reads serve (the
+    bounds sit between the measured points: 12 and 16, 24 and 32 pairs an expert)."""
     if interpreting():
         return (16, 16, 64, 4) if nvfp4 else (16, 16, 32, 4)
     if nvfp4:
-        return (16, 64, 128, 4) if share <= 12 else (32, 64, 128, 4) if share <= 24 else (64, 128, 64, 4)
+        return (16, 64, 128, 4) if share <= 14 else (32, 64, 128, 4) if share <= 28 else (64, 128, 64, 4)
     if pairs <= 2048:
         return 16, 32, 128, 4
     return 64, 128, 64, 8
