@@ -85,6 +85,13 @@ SHAPE_SETS: dict[str, ShapeSet] = {
 MS = (1, 8, 16, 64, 256, 2048)
 
 
+def shape_set(name: str) -> ShapeSet:
+    """SHAPE_SETS[name], or a one-line error naming the choices."""
+    if name not in SHAPE_SETS:
+        raise StepquantError(f"unknown shape set {name!r} (choose from {', '.join(SHAPE_SETS)})")
+    return SHAPE_SETS[name]
+
+
 def _cuda() -> None:
     if not torch.cuda.is_available():
         raise StepquantError("stepquant bench needs a CUDA device")
@@ -135,11 +142,10 @@ def bench_linear(shapes: str = "step3p7", ms: tuple[int, ...] = MS, bandwidth: f
     from .kernels.linear import NVFP4Weight, nvfp4_linear
 
     _cuda()
-    if shapes not in SHAPE_SETS:
-        raise StepquantError(f"unknown shape set {shapes!r} (choose from {', '.join(SHAPE_SETS)})")
+    linears = shape_set(shapes).linears
     bw = bandwidth or copy_bandwidth()
     rows = []
-    for name, (n, k) in SHAPE_SETS[shapes].linears.items():
+    for name, (n, k) in linears.items():
         w, p = nvfp4_layer(n, k)
         wbytes = n * k // 2 + n * k // 16
         c16, c4 = cold_copies(2 * n * k), cold_copies(wbytes)
@@ -230,9 +236,7 @@ def bench_moe(tokens: tuple[int, ...] = MOE_TOKENS, shape: MoEShape = SHAPE_SETS
 def bench_kernels(shapes: str = "step3p7") -> dict:
     """Everything `stepquant bench kernels` prints, as one JSON-ready dict."""
     _cuda()
-    if shapes not in SHAPE_SETS:
-        raise StepquantError(f"unknown shape set {shapes!r} (choose from {', '.join(SHAPE_SETS)})")
-    moe = SHAPE_SETS[shapes].moe
+    moe = shape_set(shapes).moe
     bw = copy_bandwidth()
     return {
         "device": torch.cuda.get_device_name(0),

@@ -4,9 +4,10 @@ the SwiGLU (Step clamp optional) in its epilogue, one for down with the routing 
 Experts are NVFP4 (`w4a16`: BF16 activations; `w4a4`: activations quantized with Blackwell's recipe, the
 SwiGLU output re-quantized with the down input scale), FP8 (static per-tensor activations, W8A8 emulated
 exactly on the BF16 MMA) or BF16. One activation scale per projection and layer: the max over experts.
-NVFP4 experts are stored in the linear's blocks and run through the linear's mma.sync step: at decode (up to 4 tokens
-at top-8) without routing, one program per pair (gate_up) and per token (down, with the combine); up to 512 tokens
-routed in blocks of 8 pairs of one expert; beyond, Triton's MMA over blocks of 64.
+NVFP4 experts are stored in the linear's blocks and run through the linear's mma.sync step: at decode (up to 32 pairs,
+while they fall on distinct experts) without routing, one program per pair (gate_up) and per token (down, with the
+combine); up to MOE_MMA_SYNC_MAX_SHARING pairs an expert routed in blocks of 8 pairs of one expert; beyond, Triton's
+MMA over blocks of 16 to 64 pairs (`sharing`, `MmaSync.rule`, `_moe_blocks`).
 """
 
 from __future__ import annotations
